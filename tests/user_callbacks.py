@@ -1,0 +1,38 @@
+"""Callbacks a user might add through a ``callbacks/*.yaml`` file (importable in tests)."""
+
+import json
+from pathlib import Path
+
+from pytorch_lightning import Callback
+
+
+class RecordingCallback(Callback):
+    """Writes what it saw (batches, generation steps, results) to a JSON file at predict end."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.seen = {"batches": 0, "steps": 0, "decisions": 0, "results": 0}
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.seen["batches"] += 1
+
+    def on_generation_step(self, trainer, pl_module, event):
+        self.seen["steps"] += 1
+        self.seen["decisions"] += int(event.decision)
+
+    def on_generation_end(self, trainer, pl_module, results):
+        self.seen["results"] += len(results)
+
+    def on_predict_end(self, trainer, pl_module):
+        self.path.write_text(json.dumps(self.seen))
+
+
+class FailAtBatch(Callback):
+    """Simulates a crash: raises when predict reaches batch ``batch_idx``."""
+
+    def __init__(self, batch_idx: int):
+        self.batch_idx = batch_idx
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == self.batch_idx:
+            raise RuntimeError(f"simulated crash at batch {batch_idx}")
