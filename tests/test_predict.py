@@ -200,3 +200,25 @@ def test_two_process_ddp_predict_covers_every_prompt_once(tmp_path, models, prom
     assert sorted(ids) == sorted(f"p{i}" for i in range(len(PROMPTS)))
     assert not list(tmp_path.glob("predictions.rank*.jsonl"))
     assert "Predictions:" in done.stdout
+
+
+def test_memory_profiler_draws_figure_one_from_speculative_rejection(tmp_path, models, prompt_file):
+    import csv
+
+    from lightning_sr.callbacks import GPUMemoryProfiler
+
+    module = SpeculativeRejectionModule(*models, n=8, alpha=0.5, schedule=FixedSchedule([3, 6]),
+                                        sampling=SamplingParams(max_new_tokens=10))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path, callbacks=[GPUMemoryProfiler(dirpath=str(tmp_path))])
+    trainer.predict(module, datamodule=PromptDataModule(str(prompt_file), batch_size=4), return_predictions=False)
+    rows = list(csv.DictReader(open(tmp_path / "memory_predict_generation.csv")))
+    assert {row["batch_idx"] for row in rows} == {"0", "1"}
+    for batch in ("0", "1"):
+        steps = [row for row in rows if row["batch_idx"] == batch]
+        assert [int(row["step"]) for row in steps] == list(range(1, len(steps) + 1))
+        for before, row in zip(steps, steps[1:]):
+            dropped = int(before["live_rows"]) - int(row["live_rows"])
+            assert dropped == int(row["rejected_rows"]) + int(row["finished_rows"])
+            assert (row["decision"] in ("True", "1")) == (int(row["step"]) in (3, 6))
+    assert (tmp_path / "memory_predict_generation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
