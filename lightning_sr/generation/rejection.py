@@ -85,7 +85,7 @@ def speculative_rejection(
     prompt_ids = encode_prompts(tokenizer, prompts, chat_template=chat_template)
     limits = _row_limits(model, prompt_ids, sampling.max_new_tokens)
     budget, per_token = None, kv_bytes_per_token(model.config, model.dtype)
-    if isinstance(schedule, MemorySchedule):
+    if isinstance(schedule, MemorySchedule) and (alpha > 0 or n == "auto"):
         budget = schedule.resolve_budget(model.device)
         n = _fit_n(n, budget, per_token, prompt_ids, min(schedule.min_tokens, sampling.max_new_tokens))
     if alpha == 0:

@@ -1,0 +1,206 @@
+"""Shared pieces of the generation benchmarks: model presets, prompts, machine facts, output files.
+
+Two presets:
+
+- ``tiny``: a random 2-layer Llama with a word-level tokenizer and chat template, and a random
+  1-layer BERT reward model with its own tokenizer, all built from configs in code (nothing is
+  read from disk or downloaded). It only keeps the scripts working; its numbers mean nothing.
+- ``embedded``: the package's embedded defaults, SmolLM2-135M-Instruct as generator and the
+  ``minilm-positivity`` reward model, on the shipped prompts ``configs/data/prompts.jsonl``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPTS_FILE = ROOT / "configs" / "data" / "prompts.jsonl"
+
+TINY_WORDS = (
+    "user assistant system the a an good bad kind rude thanks thank sorry please help you we i "
+    "are is was not very happy sad day night love hate great awful nice terrible friend enemy "
+    "today tomorrow yes no maybe and or but so to of in on for with it this that my your our , . !"
+).split()
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant {% endif %}"
+)
+TINY_PROMPTS = [
+    "the good day",
+    "thanks for your help",
+    "we are not very happy today",
+    "please help my friend",
+    "sorry , i was rude",
+    "this is a terrible night",
+    "you are very kind",
+    "tomorrow is a great day",
+]
+
+
+def _word_tokenizer(words, chat_template: str | None, padding_side: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for token in ["<pad>", "<unk>", "<s>", "</s>", *words]:
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        padding_side=padding_side,
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def tiny_models(seed: int = 0):
+    """(generator, tokenizer, reward) built from configs in code: random weights, no files."""
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    from lightning_sr.rewards import HFRewardModel
+
+    tokenizer = _word_tokenizer(TINY_WORDS, TINY_CHAT_TEMPLATE, "left")
+    torch.manual_seed(seed)
+    generator = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    ).eval()
+    reward_tokenizer = _word_tokenizer([w.upper() for w in TINY_WORDS] + ["[CLS]", "[SEP]"], None, "right")
+    reward_tokenizer.cls_token, reward_tokenizer.sep_token = "[CLS]", "[SEP]"
+    reward_model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=len(reward_tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=512,
+            num_labels=1,
+            pad_token_id=reward_tokenizer.pad_token_id,
+            initializer_range=0.5,  # scores that differ visibly between responses
+        )
+    ).eval()
+    return generator, tokenizer, HFRewardModel(reward_model, reward_tokenizer)
+
+
+def embedded_models():
+    """(generator, tokenizer, reward): SmolLM2-135M-Instruct (float32) and ``minilm-positivity``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_sr.assets import resolve_model
+    from lightning_sr.rewards import HFRewardModel
+
+    path = resolve_model("smollm2-135m-instruct")
+    generator = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return generator, tokenizer, HFRewardModel("minilm-positivity")
+
+
+def load_models(preset: str, device: str = "cpu"):
+    """The preset's (generator, tokenizer, reward), the generator and reward on ``device``."""
+    if preset == "tiny":
+        generator, tokenizer, reward = tiny_models()
+    elif preset == "embedded":
+        generator, tokenizer, reward = embedded_models()
+    else:
+        raise ValueError(f"unknown preset {preset!r}: use 'tiny' or 'embedded'")
+    generator.to(device)
+    reward.to(device)
+    return generator, tokenizer, reward
+
+
+def load_prompts(preset: str, count: int) -> list[str]:
+    """``count`` prompts: the tiny list, or evenly spaced shipped prompts (all categories)."""
+    if preset == "tiny":
+        prompts = TINY_PROMPTS
+    else:
+        from lightning_sr.data.prompts import read_prompts
+
+        prompts = [item["prompt"] for item in read_prompts(PROMPTS_FILE)]
+    if count > len(prompts):
+        raise ValueError(f"asked for {count} prompts but the {preset} preset has {len(prompts)}")
+    stride = len(prompts) / count
+    return [prompts[int(i * stride)] for i in range(count)]
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor()
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), cpu)
+    except OSError:
+        pass
+    import transformers
+
+    info = {
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.executable).name, *sys.argv]) if sys.argv else ""
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0]) if rows else []
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """A plain fixed-width table on stdout."""
+    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for r in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
