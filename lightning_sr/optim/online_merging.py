@@ -1,0 +1,462 @@
+"""Online merging optimizers: OnDARE and OnTIES (Lu et al., arXiv 2405.17931), Adam variants.
+
+At every step the Adam update Δ and the reference delta τ = θ_SFT − θ_base are both sparsified
+and merged into the weights (the paper's Eq. 2, θ ← θ + F(Δ) ⊕ F(τ)), which keeps the policy
+close to the direction the SFT model took away from its pre-trained base:
+
+- **OnDARE** (random drop, linear merge, Eq. 3): ``Δ̃ = Δ ⊙ M_t / p`` with a fresh Bernoulli(p)
+  mask every step, ``τ̃ = τ ⊙ M_0 / p`` with a mask drawn once, ``θ ← θ + (1 − α)·Δ̃ + α·τ̃``.
+- **OnTIES** (top-k drop, sign consensus, Eq. 7 as in the authors' code): ``Δ̃`` and ``τ̃`` keep
+  their ⌊p·n⌋ largest magnitudes, the elected sign is ``s = sign(τ̃ + Δ̃)`` (+1 at 0) on the
+  *unweighted* terms, ``θ ← θ + (1 − α)·Δ̃·[sign Δ̃ = s] + α·τ̃·[sign τ̃ = s]``.
+
+``Δ = −lr · m̂ / (√v̂ + eps)`` uses ``torch.optim.AdamW``'s moments and bias correction, and
+weight decay is ``torch.optim.AdamW``'s decoupled ``θ ← θ − lr·wd·θ`` applied first, so with
+``keep_rate=1, merge_weight=0`` OnDARE *is* AdamW. p = ``keep_rate``, α = ``merge_weight``
+(multiplies τ̃ directly, once per step, no lr factor). ``merge_every=K > 1`` is the paper's
+step-K variant (Alg. 2): K − 1 plain Adam steps whose deltas are accumulated, then on the K-th
+step the weights go back to the last merge point (the accumulated Adam deltas are subtracted;
+weight decay applied in between stays, as in the authors' code) and the accumulated delta plus
+this step's is sparsified and merged once with α·τ̃ (α is not multiplied by K). This costs one
+extra parameter-sized buffer per parameter.
+
+Design choices (see the README): τ̃ is stored sparse, as sorted flat indices and values; OnDARE
+draws the kept set by sampling geometric gaps (O(p·n) work, no dense mask) and computes Δ only
+there; OnTIES ranks |Δ| densely and selects with a sampled threshold plus ``torch.topk`` on the
+candidates, never a full sort. The random masks come from a CPU generator seeded from
+``seed`` and the parameter's position, whose state lives in the optimizer state, so every
+data-parallel rank draws the same masks and a resumed run continues exactly. Half-precision
+parameters get fp32 master weights and fp32 moments in the state (α·τ̃ per step is far below bf16
+resolution); the master copy is authoritative, so load new weights before the first step. This
+module imports no Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from itertools import chain
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_sr.optim.sparsify import bernoulli_indices, index_dtype, magnitude_indices
+
+__all__ = ["OnDARE", "OnTIES", "OnlineMergingOptimizer", "BaseMatch", "align_names"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class BaseMatch:
+    """What :meth:`OnlineMergingOptimizer.set_base` paired: parameter name → base name.
+
+    ``unmatched`` lists trainable parameters with no base counterpart; they get plain AdamW
+    updates. ``kept`` / ``dense`` count the stored τ̃ entries against the matched elements.
+    """
+
+    matched: dict[str, str] = field(default_factory=dict)
+    unmatched: list[str] = field(default_factory=list)
+    kept: int = 0
+    dense: int = 0
+
+
+def align_names(names: Iterable[str], base_names: Iterable[str]) -> dict[str, str]:
+    """Pair parameter names with base names that differ only by leading module prefixes.
+
+    A LightningModule that holds a Hugging Face model as ``self.policy`` names its weights
+    ``policy.model.layers.0...`` while the base model calls them ``model.layers.0...``. A name is
+    paired with, in order: the identical base name; the longest of its own dotted suffixes that
+    is a whole base name (the model has an extra prefix); the single base name that ends with it
+    (the base has an extra prefix; skipped when several do). Names without a pair are left out.
+    """
+    base_names = list(base_names)
+    base_set = set(base_names)
+    ending_with: dict[str, list[str]] = {}
+    for base_name in base_names:
+        parts = base_name.split(".")
+        for i in range(1, len(parts)):
+            ending_with.setdefault(".".join(parts[i:]), []).append(base_name)
+    pairs = {}
+    for name in names:
+        if name in base_set:
+            pairs[name] = name
+            continue
+        parts = name.split(".")
+        suffixes = (".".join(parts[i:]) for i in range(1, len(parts)))
+        found = next((s for s in suffixes if s in base_set), None)
+        if found is None and len(ending_with.get(name, ())) == 1:
+            found = ending_with[name][0]
+        if found is not None:
+            pairs[name] = found
+    return pairs
+
+
+def _agreeing(values: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``values·[sign(values) = s]`` with the elected sign ``s = +1 if total ≥ 0 else −1``."""
+    elected = torch.where(total >= 0, 1.0, -1.0).to(values.dtype)
+    return torch.where(torch.sign(values) == elected, values, 0.0)
+
+
+class OnlineMergingOptimizer(Optimizer):
+    """Shared machinery of :class:`OnDARE` and :class:`OnTIES`: Adam moments, state, step-K.
+
+    Subclasses define how the reference delta is sparsified once (``_sparsify_reference``) and
+    how a step's delta is merged with it (``_merge``).
+    """
+
+    _uses_rng = False
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-6,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        keep_rate: float = 0.01,
+        merge_weight: float = 1e-7,
+        merge_every: int = 1,
+        seed: int = 0,
+    ):
+        name = type(self).__name__
+        if lr < 0.0:
+            raise ValueError(f"{name}: lr must be >= 0, got {lr}")
+        if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
+            raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {betas}")
+        if eps < 0.0 or weight_decay < 0.0:
+            raise ValueError(f"{name}: eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+        if not 0.0 < keep_rate <= 1.0:
+            raise ValueError(f"{name}: keep_rate must be in (0, 1], got {keep_rate}")
+        if not 0.0 <= merge_weight <= 1.0:
+            raise ValueError(f"{name}: merge_weight must be in [0, 1], got {merge_weight}")
+        if int(merge_every) != merge_every or merge_every < 1:
+            raise ValueError(f"{name}: merge_every must be an integer >= 1, got {merge_every}")
+        if int(seed) != seed or seed < 0:
+            raise ValueError(f"{name}: seed must be an integer >= 0, got {seed}")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            keep_rate=keep_rate,
+            merge_weight=merge_weight,
+            merge_every=int(merge_every),
+            seed=int(seed),
+        )
+        super().__init__(params, defaults)
+        self._generator = torch.Generator()
+
+    # ---------------------------------------------------------------- state ----------------------
+
+    def _positions(self) -> dict[int, int]:
+        """Each parameter's position over all groups (the index ``state_dict`` uses)."""
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        return {id(p): i for i, p in enumerate(params)}
+
+    def _state_for(self, param: torch.Tensor, group: dict, position: int) -> dict:
+        """The parameter's state, created on first use: moments, fp32 master, generator, step-K."""
+        state = self.state[param]
+        if "step" in state:
+            return state
+        work_dtype = torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros(param.shape, dtype=work_dtype, device=param.device)
+        state["exp_avg_sq"] = torch.zeros(param.shape, dtype=work_dtype, device=param.device)
+        if param.dtype != work_dtype or not param.is_contiguous():
+            state["master"] = param.detach().to(work_dtype, copy=True).contiguous()
+        if group["merge_every"] > 1:
+            state["accumulated"] = torch.zeros(param.shape, dtype=work_dtype, device=param.device)
+        if self._uses_rng:
+            state["rng_state"] = self._generator.manual_seed(
+                group["seed"] * 1_000_003 + position
+            ).get_state()
+        return state
+
+    def _draw(self, state: dict, fn, *args):
+        """Run ``fn(*args, generator)`` on the parameter's own generator stream and save it back."""
+        self._generator.set_state(state["rng_state"].cpu())
+        out = fn(*args, self._generator)
+        state["rng_state"] = self._generator.get_state()
+        return out
+
+    def _has_base(self) -> bool:
+        return any("tau_idx" in s for s in self.state.values())
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by ``state_dict()``, keeping each tensor's own dtype.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor, and the
+        integer ones too, to the parameter's dtype: that would round τ̃'s int32 indices,
+        corrupt the generator state and turn fp32 masters of bf16 parameters into bf16. Here the
+        tensors are only moved to the parameter's device (the generator state stays on the CPU).
+        """
+        saved_state = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, param in zip(saved_ids, params):
+            if saved_id not in saved_state:
+                continue
+            restored = {}
+            for key, value in saved_state[saved_id].items():
+                if isinstance(value, torch.Tensor):
+                    device = "cpu" if key == "rng_state" else param.device
+                    value = value.detach().to(device=device, copy=True)
+                restored[key] = value
+            self.state[param] = restored
+
+    # ---------------------------------------------------------------- base -----------------------
+
+    @torch.no_grad()
+    def set_base(self, model: nn.Module, base: nn.Module | Mapping[str, torch.Tensor]) -> BaseMatch:
+        """Compute and store the sparsified reference delta τ̃ from the base model.
+
+        ``model`` is the module whose parameters this optimizer holds (it names them; a
+        LightningModule wrapping the policy works, prefixes are aligned by :func:`align_names`);
+        ``base`` is the pre-trained model the policy was fine-tuned from, as a module or a state
+        dict. For each trainable parameter τ = current value − base value (the policy starts at
+        the SFT weights, so this is τ_r = θ_SFT − θ_base), sparsified once and stored as kept
+        indices and values. Parameters without a base counterpart get plain AdamW updates (they
+        are listed in the returned :class:`BaseMatch`); a shape mismatch raises ``ValueError``
+        naming the parameter, before any state changes. Frozen parameters are skipped.
+        """
+        base_tensors = base.state_dict() if isinstance(base, nn.Module) else dict(base)
+        names = {id(p): n for n, p in model.named_parameters()}
+        positions = self._positions()
+        entries = []
+        for group in self.param_groups:
+            for param in group["params"]:
+                if id(param) not in names:
+                    raise ValueError(
+                        f"{type(self).__name__}.set_base: parameter #{positions[id(param)]} of "
+                        f"shape {tuple(param.shape)} is not a parameter of the given model; pass "
+                        "the module whose parameters the optimizer was built from"
+                    )
+                if param.requires_grad:
+                    entries.append((group, param, names[id(param)]))
+        pairs = align_names([n for _, _, n in entries], base_tensors)
+        if not pairs:
+            raise ValueError(
+                f"{type(self).__name__}.set_base: no parameter name matches the base model. "
+                f"Parameters look like {[n for _, _, n in entries[:3]]}, the base has "
+                f"{list(base_tensors)[:3]}"
+            )
+        for _, param, name in entries:
+            if name in pairs and base_tensors[pairs[name]].shape != param.shape:
+                raise ValueError(
+                    f"{type(self).__name__}.set_base: parameter {name!r} has shape "
+                    f"{tuple(param.shape)} but its base {pairs[name]!r} has shape "
+                    f"{tuple(base_tensors[pairs[name]].shape)}"
+                )
+        report = BaseMatch()
+        for group, param, name in entries:
+            state = self._state_for(param, group, positions[id(param)])
+            state.pop("tau_idx", None)
+            state.pop("tau_val", None)
+            if name not in pairs:  # no counterpart in the base: plain AdamW from now on
+                state["plain"] = True
+                state.pop("accumulated", None)
+                report.unmatched.append(name)
+                continue
+            state.pop("plain", None)
+            current = state.get("master", param).detach()
+            tau = current - base_tensors[pairs[name]].to(device=current.device, dtype=current.dtype)
+            idx, values = self._sparsify_reference(tau.reshape(-1), state, group)
+            nonzero = values != 0
+            state["tau_idx"] = idx[nonzero].to(device=param.device, dtype=index_dtype(tau.numel()))
+            state["tau_val"] = values[nonzero].contiguous()
+            report.matched[name] = pairs[name]
+            report.kept += int(nonzero.sum())
+            report.dense += tau.numel()
+        return report
+
+    def reference_bytes(self) -> int:
+        """Bytes held by the stored τ̃ (indices and values) over all parameters."""
+        return sum(
+            s[k].numel() * s[k].element_size()
+            for s in self.state.values()
+            for k in ("tau_idx", "tau_val")
+            if k in s
+        )
+
+    # ---------------------------------------------------------------- step -----------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step; calls ``closure`` (under ``torch.enable_grad``) first if given.
+
+        Works without a closure too (the GradScaler path of 16-bit mixed precision, where the
+        caller has already run the backward pass and unscaled the gradients).
+        """
+        if any(g["merge_weight"] > 0 for g in self.param_groups) and not self._has_base():
+            raise RuntimeError(
+                f"{type(self).__name__}: merge_weight > 0 but no base model is set. Call "
+                "optimizer.set_base(model, base_model) before training, or add the "
+                "lightning_sr.callbacks.OnlineMerging(base_model=...) callback to the Trainer "
+                "(or set merge_weight=0)."
+            )
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        positions = self._positions()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                self._update(param, self._state_for(param, group, positions[id(param)]), group)
+        return loss
+
+    def _update(self, param: torch.Tensor, state: dict, group: dict) -> None:
+        weight = state.get("master", param)
+        grad = param.grad if param.grad.dtype == weight.dtype else param.grad.to(weight.dtype)
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        state["step"] += 1
+        t = state["step"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if group["weight_decay"] != 0:
+            weight.mul_(1 - lr * group["weight_decay"])
+        adam = _AdamDelta(exp_avg, exp_avg_sq, lr / (1 - beta1**t), math.sqrt(1 - beta2**t), group["eps"])
+        if state.get("plain"):
+            weight.add_(adam.dense())
+        elif t % group["merge_every"] != 0:
+            if "accumulated" not in state:  # merge_every was raised after the state was made
+                state["accumulated"] = torch.zeros_like(weight)
+            delta = adam.dense()
+            weight.add_(delta)
+            state["accumulated"].add_(delta)
+        else:
+            accumulated = state.get("accumulated")
+            if accumulated is not None:
+                weight.sub_(accumulated)  # back to the last merge point
+            self._merge(weight.view(-1), adam, accumulated, state, group)
+            if accumulated is not None:
+                accumulated.zero_()
+        if weight is not param:
+            param.copy_(weight)
+
+    def _sparsify_reference(self, tau: torch.Tensor, state: dict, group: dict):
+        raise NotImplementedError
+
+    def _merge(self, flat, adam, accumulated, state, group) -> None:
+        raise NotImplementedError
+
+
+class _AdamDelta:
+    """The Adam update ``Δ = −lr·m̂/(√v̂ + eps)`` of one parameter, densely or at given indices."""
+
+    def __init__(self, exp_avg, exp_avg_sq, step_size, bias_correction2_sqrt, eps):
+        self.exp_avg, self.exp_avg_sq = exp_avg, exp_avg_sq
+        self.step_size, self.bc2_sqrt, self.eps = step_size, bias_correction2_sqrt, eps
+
+    def dense_magnitude(self) -> torch.Tensor:
+        """``|Δ| / step_size = |m| / (√v̂ + eps)``: ranks like |Δ| at one pass less than ``dense``."""
+        denom = self.exp_avg_sq.sqrt().div_(self.bc2_sqrt).add_(self.eps)
+        return torch.div(self.exp_avg, denom, out=denom).abs_()
+
+    def dense(self) -> torch.Tensor:
+        denom = self.exp_avg_sq.sqrt().div_(self.bc2_sqrt).add_(self.eps)
+        return torch.div(self.exp_avg, denom, out=denom).mul_(-self.step_size)
+
+    def at(self, idx: torch.Tensor) -> torch.Tensor:
+        m = self.exp_avg.view(-1)[idx]
+        denom = self.exp_avg_sq.view(-1)[idx].sqrt_().div_(self.bc2_sqrt).add_(self.eps)
+        return m.div_(denom).mul_(-self.step_size)
+
+
+class OnDARE(OnlineMergingOptimizer):
+    """Online DARE merging Adam (paper Eq. 3): random drop, rescale by 1/p, linear merge.
+
+    Per step: ``Δ̃ = Δ ⊙ M_t / p`` (M_t a fresh Bernoulli(p) mask, only ~p·n coordinates move),
+    ``θ ← θ + (1 − α)·Δ̃ + α·τ̃`` with ``τ̃ = τ ⊙ M_0 / p`` fixed at :meth:`set_base`. The Adam
+    moments are updated densely every step. Starting values from the paper: ``lr=1e-6,
+    keep_rate=0.01, merge_weight=1e-7``. With ``keep_rate=1, merge_weight=0`` this is exactly
+    ``torch.optim.AdamW``.
+    """
+
+    _uses_rng = True
+
+    def _sparsify_reference(self, tau, state, group):
+        p = group["keep_rate"]
+        if p >= 1:
+            return torch.arange(tau.numel(), device=tau.device), tau.clone()
+        idx = self._draw(state, bernoulli_indices, tau.numel(), p).to(tau.device)
+        return idx, tau[idx] / p
+
+    def _merge(self, flat, adam, accumulated, state, group):
+        p, alpha = group["keep_rate"], group["merge_weight"]
+        if p >= 1:
+            delta = adam.dense().view(-1)
+            if accumulated is not None:
+                delta.add_(accumulated.view(-1))
+            flat.add_(delta, alpha=1 - alpha)
+        else:
+            idx = self._draw(state, bernoulli_indices, flat.numel(), p).to(flat.device)
+            delta = adam.at(idx)
+            if accumulated is not None:
+                delta.add_(accumulated.view(-1)[idx])
+            flat.index_add_(0, idx, delta, alpha=(1 - alpha) / p)
+        if alpha != 0 and "tau_idx" in state:
+            flat.index_add_(0, state["tau_idx"], state["tau_val"], alpha=alpha)
+
+
+class OnTIES(OnlineMergingOptimizer):
+    """Online TIES merging Adam (paper Eq. 7 as the authors implement it): top-k, sign election.
+
+    Per step: ``Δ̃`` keeps the ⌊p·n⌋ largest |Δ| (all of Δ if that is 0), ``τ̃`` likewise once at
+    :meth:`set_base`; the sign ``s = sign(τ̃ + Δ̃)`` (+1 where the sum is 0) is elected on the
+    unweighted terms, and ``θ ← θ + (1 − α)·Δ̃·[sign Δ̃ = s] + α·τ̃·[sign τ̃ = s]``. Where τ̃ ≠ 0 the
+    SFT direction usually wins the election and disagreeing Adam coordinates are dropped, which
+    is what regularizes; this filtering happens even with ``merge_weight=0``. Deterministic: no
+    random state.
+    """
+
+    def _sparsify_reference(self, tau, state, group):
+        idx = magnitude_indices(tau, group["keep_rate"])
+        if idx is None:
+            return torch.arange(tau.numel(), device=tau.device), tau.clone()
+        return idx, tau[idx]
+
+    def _merge(self, flat, adam, accumulated, state, group):
+        alpha, keep_rate = group["merge_weight"], group["keep_rate"]
+        if accumulated is None and keep_rate < 1 and int(keep_rate * flat.numel()) >= 1:
+            # Only the kept coordinates of Δ are needed: rank by |Δ|, then compute Δ there.
+            top = magnitude_indices(adam.dense_magnitude(), keep_rate, absolute=True)
+            delta, values = None, adam.at(top)
+        else:
+            delta = adam.dense().view(-1)
+            if accumulated is not None:
+                delta.add_(accumulated.view(-1))
+            top = magnitude_indices(delta, keep_rate)
+            values = None if top is None else delta[top]
+        tau_idx = state["tau_idx"].long() if "tau_idx" in state else None
+        tau_val = state.get("tau_val")
+        if top is None:  # nothing dropped from Δ
+            if tau_idx is not None and tau_idx.numel():
+                d = delta[tau_idx]
+                delta[tau_idx] = _agreeing(d, d + tau_val)
+                if alpha != 0:
+                    flat.index_add_(0, tau_idx, _agreeing(tau_val, tau_val + d), alpha=alpha)
+            flat.add_(delta, alpha=1 - alpha)
+            return
+        if tau_idx is not None and tau_idx.numel():
+            # The election only matters where both are kept: find that overlap in one search.
+            pos = torch.searchsorted(tau_idx, top).clamp_(max=tau_idx.numel() - 1)
+            both = tau_idx[pos] == top
+            pos = pos[both]
+            d, t = values[both], tau_val[pos]
+            values[both] = _agreeing(d, d + t)
+            if alpha != 0:
+                tau_val = tau_val.clone()
+                tau_val[pos] = _agreeing(t, t + d)
+        flat.index_add_(0, top, values, alpha=1 - alpha)
+        if alpha != 0 and tau_idx is not None:
+            flat.index_add_(0, tau_idx, tau_val, alpha=alpha)
