@@ -25,15 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS_FILE = ROOT / "configs" / "data" / "prompts.jsonl"
 
-TINY_WORDS = (
-    "user assistant system the a an good bad kind rude thanks thank sorry please help you we i "
-    "are is was not very happy sad day night love hate great awful nice terrible friend enemy "
-    "today tomorrow yes no maybe and or but so to of in on for with it this that my your our , . !"
-).split()
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
-    "{% if add_generation_prompt %}<s> assistant {% endif %}"
-)
 TINY_PROMPTS = [
     "the good day",
     "thanks for your help",
@@ -46,65 +37,15 @@ TINY_PROMPTS = [
 ]
 
 
-def _word_tokenizer(words, chat_template: str | None, padding_side: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab: dict[str, int] = {}
-    for token in ["<pad>", "<unk>", "<s>", "</s>", *words]:
-        vocab.setdefault(token, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.decoder = decoders.WordPiece(prefix="##")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        padding_side=padding_side,
-    )
-    tokenizer.chat_template = chat_template
-    return tokenizer
-
-
 def tiny_models(seed: int = 0):
     """(generator, tokenizer, reward) built from configs in code: random weights, no files."""
-    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
-
     from lightning_sr.rewards import HFRewardModel
+    from lightning_sr.testing import make_tokenizer, tiny_llama, tiny_reward_model
 
-    tokenizer = _word_tokenizer(TINY_WORDS, TINY_CHAT_TEMPLATE, "left")
-    torch.manual_seed(seed)
-    generator = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    ).eval()
-    reward_tokenizer = _word_tokenizer([w.upper() for w in TINY_WORDS] + ["[CLS]", "[SEP]"], None, "right")
-    reward_tokenizer.cls_token, reward_tokenizer.sep_token = "[CLS]", "[SEP]"
-    reward_model = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=len(reward_tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=512,
-            num_labels=1,
-            pad_token_id=reward_tokenizer.pad_token_id,
-            initializer_range=0.5,  # scores that differ visibly between responses
-        )
-    ).eval()
+    tokenizer = make_tokenizer(chat_template=True)
+    generator = tiny_llama(tokenizer, seed=seed, hidden_size=64, intermediate_size=128, max_position_embeddings=512)
+    # A wide initialisation gives scores that differ visibly between responses.
+    reward_model, reward_tokenizer = tiny_reward_model(seed=seed, max_position_embeddings=512, initializer_range=0.5)
     return generator, tokenizer, HFRewardModel(reward_model, reward_tokenizer)
 
 

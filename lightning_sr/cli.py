@@ -31,5 +31,10 @@ def main(args=None) -> LightningCLI:
     )
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry: runs the CLI and exits 0 on success (``main`` returns the CLI)."""
     main()
+
+
+if __name__ == "__main__":
+    run()

@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))  # user_callbacks.py, importable by class path
 
-from tiny import make_tokenizer, tiny_llama, tiny_reward_model  # noqa: E402
+from lightning_sr.testing import make_tokenizer, tiny_llama, tiny_reward_model  # noqa: E402
 
 
 @pytest.fixture

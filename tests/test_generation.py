@@ -5,7 +5,7 @@ import zlib
 
 import pytest
 import torch
-from tiny import make_tokenizer, tiny_gpt2, tiny_llama
+from lightning_sr.testing import make_tokenizer, tiny_gpt2, tiny_llama
 
 from lightning_sr.generation import (
     FixedSchedule,

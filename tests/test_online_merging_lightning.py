@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LightningCLI, OptimizerCallable
 from pytorch_lightning.plugins.precision import MixedPrecision
-from tiny import make_tokenizer, save_tiny_generator, tiny_llama
+from lightning_sr.testing import make_tokenizer, save_tiny_generator, tiny_llama
 from torch.utils.data import DataLoader
 
 from lightning_sr.callbacks import OnlineMerging

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-from tiny import make_tokenizer, save_tiny_generator, save_tiny_reward, tiny_llama
+from lightning_sr.testing import make_tokenizer, save_tiny_generator, save_tiny_reward, tiny_llama
 from user_callbacks import FailAtBatch, RecordingCallback
 
 from lightning_sr import SpeculativeRejectionModule
@@ -190,7 +190,7 @@ def test_prompt_files(tmp_path):
 def test_two_process_ddp_predict_covers_every_prompt_once(tmp_path, models, prompt_file):
     output = tmp_path / "predictions.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    command = [sys.executable, "-m", "lightning_sr.cli", *cli_args(
+    command = [str(Path(sys.executable).parent / "lightning-sr"), *cli_args(
         "predict_sr.yaml", models, prompt_file, writer_file(tmp_path, output),
         "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
         "--data.batch_size=2", "--model.n=4", "--model.sampling.max_new_tokens=8")]

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import CHAT_TEMPLATE, make_tokenizer, save_tiny_reward, tiny_llama, tiny_reward_model
+from lightning_sr.testing import CHAT_TEMPLATE, make_tokenizer, save_tiny_reward, tiny_llama, tiny_reward_model
 from transformers import BertConfig, BertForSequenceClassification
 
 from lightning_sr.generation import FixedSchedule, SamplingParams, speculative_rejection

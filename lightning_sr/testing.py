@@ -1,4 +1,8 @@
-"""Tiny random models and in-memory tokenizers built in code: nothing is downloaded."""
+"""Tiny random models and in-memory tokenizers built from configs in code: nothing is downloaded.
+
+Used by the test suite and the benchmarks' ``tiny`` preset, and handy for trying the engine
+without any model files: ``generator = tiny_llama(tokenizer := make_tokenizer(chat_template=True))``.
+"""
 
 from __future__ import annotations
 
@@ -29,8 +33,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer(chat_template: bool = False, words=WORDS) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over a fixed vocabulary, left-padding, optional chat template."""
+def make_tokenizer(chat_template: bool = False, words=WORDS, padding_side: str = "left") -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over a fixed vocabulary, with an optional chat template."""
     vocab = {}
     for token in SPECIALS + list(words):
         vocab.setdefault(token, len(vocab))
@@ -43,7 +47,7 @@ def make_tokenizer(chat_template: bool = False, words=WORDS) -> PreTrainedTokeni
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
-        padding_side="left",
+        padding_side=padding_side,
     )
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
@@ -55,19 +59,24 @@ def tiny_llama(tokenizer=None, seed: int = 0, **overrides) -> LlamaForCausalLM:
     tokenizer = tokenizer or make_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **overrides,
+        **{
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+            **_special_ids(tokenizer),
+            **overrides,
+        }
     )
     return LlamaForCausalLM(config).eval()
+
+
+def _special_ids(tokenizer) -> dict:
+    return {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id}
 
 
 def tiny_gpt2(tokenizer=None, seed: int = 0, **overrides) -> GPT2LMHeadModel:
@@ -75,35 +84,21 @@ def tiny_gpt2(tokenizer=None, seed: int = 0, **overrides) -> GPT2LMHeadModel:
     tokenizer = tokenizer or make_tokenizer()
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=128,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **overrides,
+        **{"vocab_size": len(tokenizer), "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 128,
+           **_special_ids(tokenizer), **overrides}
     )
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_reward_model(seed: int = 0):
-    """A tiny BERT sequence classifier (one label) with its own, different tokenizer."""
-    words = [w.upper() for w in WORDS] + ["[CLS]", "[SEP]"]
-    tokenizer = make_tokenizer(words=words)
-    tokenizer.padding_side = "right"
+def tiny_reward_model(seed: int = 0, **overrides):
+    """A tiny BERT sequence classifier (one label) with its own, upper-case tokenizer."""
+    tokenizer = make_tokenizer(words=[w.upper() for w in WORDS] + ["[CLS]", "[SEP]"], padding_side="right")
     tokenizer.cls_token, tokenizer.sep_token = "[CLS]", "[SEP]"
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=128,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
+        **{"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "max_position_embeddings": 128, "num_labels": 1,
+           "pad_token_id": tokenizer.pad_token_id, **overrides}
     )
     return BertForSequenceClassification(config).eval(), tokenizer
 

@@ -1,0 +1,229 @@
+"""PreferenceModule: DPO, IPO or KTO training of a causal LM against a frozen reference.
+
+The optimizer is injected (``OptimizerCallable``), so the same module trains with AdamW or with the
+online merging optimizers (OnDARE / OnTIES); when ``base_model`` is given the module hands the
+pre-trained base to the optimizer's ``set_base`` itself.
+
+Models named by hub id / local path / embedded default name are loaded in ``configure_model``, not
+in ``__init__``, so building the module from a config is cheap. ``reference=None`` makes the
+reference a frozen copy of the policy as loaded (the SFT model). The reference is never saved in
+checkpoints (it is rebuilt from its name, or from the policy's initial weights, when loading), never
+in the optimizer, always in eval mode and run under ``torch.no_grad``.
+
+Batch format (see :mod:`lightning_sr.data.preferences`): ``input_ids`` / ``attention_mask`` /
+``loss_mask`` with ``2B`` rows, the ``B`` chosen rows first, then the ``B`` rejected rows, and for
+KTO ``kl_*`` rows (prompt ``i`` with another pair's response). KTO uses the pairs as unpaired
+examples: every chosen response is desirable, every rejected response undesirable.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import BinaryAccuracy
+
+from lightning_sr.losses import dpo_loss, ipo_loss, kto_loss
+from lightning_sr.modules.logprobs import sequence_logprobs
+
+LOSSES = ("dpo", "ipo", "kto")
+
+
+def load_causal_lm(name_or_path: str, dtype: str | None = "float32") -> nn.Module:
+    """``AutoModelForCausalLM`` from a hub id, a local folder or an embedded default name."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_sr.assets import resolve_model
+
+    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), **kwargs)
+
+
+class PreferenceModule(pl.LightningModule):
+    """Preference optimization (DPO / IPO / KTO) of ``policy`` against ``reference``.
+
+    Args:
+        policy: the model to train (the SFT model): hub id, local folder, embedded name
+            (``"smollm2-135m-instruct"``) or a model object.
+        reference: the frozen reference model; ``None`` is a frozen copy of the policy as loaded.
+        loss: ``"dpo"``, ``"ipo"`` or ``"kto"`` (formulas in :mod:`lightning_sr.losses`).
+        beta: the KL-penalty strength of the loss.
+        label_smoothing: DPO's ``eps`` (probability that a preference label is wrong).
+        desirable_weight, undesirable_weight: KTO's class weights.
+        optimizer: builds the optimizer from the policy's trainable parameters.
+        scheduler: optional learning-rate scheduler, stepped every optimizer step.
+        base_model: the pre-trained base the SFT model was fine-tuned from (name, path or model);
+            when set, ``optimizer.set_base(policy, base)`` is called in ``configure_optimizers`` so
+            an online merging optimizer gets its reference delta ``tau = SFT - base``.
+        dtype: dtype to load named models in; fp32 by default because updates of size ``lr``
+            (and OnDARE's ``alpha * tau``) vanish in bf16 weights.
+    """
+
+    def __init__(
+        self,
+        policy: str | nn.Module,
+        reference: str | nn.Module | None = None,
+        loss: Literal["dpo", "ipo", "kto"] = "dpo",
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        base_model: str | nn.Module | None = None,
+        dtype: str | None = "float32",
+    ):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if beta <= 0:
+            raise ValueError(f"beta must be positive, got {beta}")
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        objects = [n for n, v in (("policy", policy), ("reference", reference), ("base_model", base_model))
+                   if isinstance(v, nn.Module)]
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", *objects])
+        self.loss_name = loss
+        self.beta, self.label_smoothing = beta, label_smoothing
+        self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.dtype_name = dtype
+        self._policy_spec, self._reference_spec, self._base_spec = policy, reference, base_model
+        self.policy: nn.Module | None = policy if isinstance(policy, nn.Module) else None
+        self.reference: nn.Module | None = None
+        self.train_accuracy = BinaryAccuracy()
+        self.val_accuracy = BinaryAccuracy()
+        self.register_state_dict_post_hook(_drop_reference_keys)
+        self.register_load_state_dict_post_hook(_ignore_missing_reference_keys)
+
+    # ------------------------------------------------------------------ models
+    @property
+    def tokenizer_name_or_path(self) -> str | None:
+        """Where the policy's tokenizer lives, for the data module (None for a model object)."""
+        if isinstance(self._policy_spec, str):
+            return self._policy_spec
+        path = getattr(self._policy_spec, "name_or_path", None)
+        return path or None
+
+    def configure_model(self) -> None:
+        """Load the policy and build the frozen reference (once; later calls do nothing)."""
+        if self.policy is None:
+            self.policy = load_causal_lm(self._policy_spec, self.dtype_name)
+        self.policy.train(self.training)  # from_pretrained returns eval mode; Lightning keeps modes
+        if self.reference is None:
+            if self._reference_spec is None:
+                reference = copy.deepcopy(self.policy)
+            elif isinstance(self._reference_spec, str):
+                reference = load_causal_lm(self._reference_spec, self.dtype_name)
+            else:
+                reference = self._reference_spec
+            self.reference = reference.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        """Switch train/eval mode, keeping the reference in eval mode (no dropout) always."""
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    def _base(self) -> nn.Module:
+        spec = self._base_spec
+        if isinstance(spec, nn.Module):
+            return spec
+        if spec == self._policy_spec and self._reference_spec is None:
+            return self.reference  # the policy as loaded, already in memory
+        return load_causal_lm(spec, self.dtype_name)  # stays on the CPU; set_base moves tensor by tensor
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = self.optimizer(params)
+        if self._base_spec is not None:
+            if not callable(getattr(optimizer, "set_base", None)):
+                raise TypeError(
+                    f"base_model is set but the optimizer {type(optimizer).__name__} has no set_base(); "
+                    "use an online merging optimizer (lightning_sr.optim.OnDARE / OnTIES) or drop base_model"
+                )
+            optimizer.set_base(self.policy, self._base())
+        if self.scheduler is None:
+            return optimizer
+        scheduler = {"scheduler": self.scheduler(optimizer), "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    # ------------------------------------------------------------------ steps
+    def _logps(self, model: nn.Module, batch: dict, prefix: str = "") -> Tensor:
+        return sequence_logprobs(
+            model,
+            batch[f"{prefix}input_ids"],
+            batch[f"{prefix}attention_mask"],
+            batch[f"{prefix}loss_mask"],
+            average=self.loss_name == "ipo",
+        )
+
+    def compute_loss(self, batch: dict) -> dict[str, Tensor]:
+        """Loss and per-pair implicit rewards for one batch (one forward per model over 2B rows)."""
+        pairs = batch["input_ids"].shape[0] // 2
+        policy_logps = self._logps(self.policy, batch)
+        with torch.no_grad():
+            ref_logps = self._logps(self.reference, batch)
+        extra = {}
+        if self.loss_name == "kto":
+            with torch.no_grad():
+                policy_kl = self._logps(self.policy, batch, "kl_")
+                ref_kl = self._logps(self.reference, batch, "kl_")
+            desirable = torch.arange(2 * pairs, device=policy_logps.device) < pairs
+            out = kto_loss(
+                policy_logps, ref_logps, desirable, policy_kl, ref_kl,
+                self.beta, self.desirable_weight, self.undesirable_weight,
+            )
+            losses, chosen_rewards, rejected_rewards = out.losses, out.rewards[:pairs], out.rewards[pairs:]
+            extra["kl"] = out.kl
+        else:
+            policy_c, policy_r = policy_logps[:pairs], policy_logps[pairs:]
+            args = (policy_c, policy_r, ref_logps[:pairs], ref_logps[pairs:], self.beta)
+            if self.loss_name == "dpo":
+                out = dpo_loss(*args, label_smoothing=self.label_smoothing)
+            else:
+                out = ipo_loss(*args)
+            losses, chosen_rewards, rejected_rewards = out
+        return {
+            "loss": losses.mean(),
+            "chosen_rewards": chosen_rewards,
+            "rejected_rewards": rejected_rewards,
+            **extra,
+        }
+
+    def _shared_step(self, batch: dict, stage: str) -> Tensor:
+        out = self.compute_loss(batch)
+        chosen, rejected = out["chosen_rewards"], out["rejected_rewards"]
+        margin = chosen - rejected
+        accuracy = self.train_accuracy if stage == "train" else self.val_accuracy
+        accuracy(margin > 0, torch.ones_like(margin, dtype=torch.long))
+        size = margin.shape[0]
+        self.log(f"{stage}/loss", out["loss"], prog_bar=True, batch_size=size)
+        self.log(f"{stage}/rewards_chosen", chosen.mean(), batch_size=size)
+        self.log(f"{stage}/rewards_rejected", rejected.mean(), batch_size=size)
+        self.log(f"{stage}/margin", margin.mean(), prog_bar=True, batch_size=size)
+        self.log(f"{stage}/accuracy", accuracy, batch_size=size)
+        if "kl" in out:
+            self.log(f"{stage}/kl", out["kl"], batch_size=size)
+        return out["loss"]
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+
+def _drop_reference_keys(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "reference.")]:
+        del state_dict[key]
+
+
+def _ignore_missing_reference_keys(module, incompatible_keys) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not k.startswith("reference.")]
