@@ -45,7 +45,7 @@ def cli_args(config, models, prompt_file, output, *extra):
         "predict", f"--config={ROOT / 'configs' / config}",
         f"--model.generator={generator}", f"--model.reward_model={reward}",
         f"--data.path={prompt_file}", "--data.limit=null", "--data.batch_size=3",
-        "--model.sampling.max_new_tokens=24", "--trainer.enable_progress_bar=false",
+        "--model.n=16", "--model.sampling.max_new_tokens=24", "--trainer.enable_progress_bar=false",
         f"--trainer.callbacks+={output}", *extra,
     ]
 
