@@ -275,6 +275,8 @@ def test_chat_message_prompts_use_the_chat_template(chat_tokenizer):
         ({}, ["the day", ""], "prompt 1 is empty"),
         ({}, ["good " * 300], "prompt 0 has 300 tokens"),
         ({}, [[{"role": "user", "content": "hi"}]], "no chat template"),
+        ({"n": "auto", "alpha": 0.0, "schedule": MemorySchedule(budget_bytes=10**6)}, PROMPTS, "needs alpha > 0"),
+        ({"n": "auto"}, PROMPTS, "needs alpha > 0 and a MemorySchedule"),
     ],
 )
 def test_bad_input_is_a_clear_error(tokenizer, llama, kwargs, prompts, message):
@@ -304,3 +306,14 @@ def test_budget_that_no_rejection_can_meet_stops_rows_with_a_warning(tokenizer, 
     (survivor,) = [c for c in result.candidates if c.rejected_at is None]
     assert survivor.final and not survivor.finished
     assert len(survivor.token_ids) == 2 * (length + 5) - length + 1
+
+
+def test_cuda_budget_counts_the_allocators_cached_memory(monkeypatch):
+    from lightning_sr.generation.memory import free_cuda_bytes
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (30, 100))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 50)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 20)
+    # 30 free on the device + 30 cached by PyTorch but unused - a 10% margin of 100.
+    assert free_cuda_bytes(torch.device("cuda", 0), margin_fraction=0.1) == 50
+    assert MemorySchedule(margin_fraction=0.1).resolve_budget(torch.device("cuda", 0)) == 50

@@ -222,3 +222,28 @@ def test_memory_profiler_draws_figure_one_from_speculative_rejection(tmp_path, m
             assert dropped == int(row["rejected_rows"]) + int(row["finished_rows"])
             assert (row["decision"] in ("True", "1")) == (int(row["step"]) in (3, 6))
     assert (tmp_path / "memory_predict_generation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_leftover_rank_files_are_merged_on_a_single_process_resume(tmp_path, models, prompt_file):
+    output = tmp_path / "predictions.jsonl"
+    output.write_text('{"id": "p0", "response": "from rank 0"}\n')
+    (tmp_path / "predictions.rank1.jsonl").write_text('{"id": "p1", "response": "from rank 1"}\n')
+    module = SpeculativeRejectionModule(*models, method="best_of_n", n=2, sampling=SamplingParams(max_new_tokens=4))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                         callbacks=[JSONLPredictionWriter(str(output))])
+    trainer.predict(module, datamodule=PromptDataModule(str(prompt_file), limit=4), return_predictions=False)
+    records = read_lines(output)
+    assert [r["id"] for r in records] == ["p0", "p1", "p2", "p3"]
+    assert records[1]["response"] == "from rank 1"
+    assert not list(tmp_path.glob("*.rank*.jsonl"))
+
+
+def test_outputs_are_strict_jsonl_whatever_the_text(tmp_path):
+    from lightning_sr.callbacks.predictions import _without_nan, read_jsonl
+
+    record = {"id": 1, "response": "line\u2028separator\u0085next", "reward": float("nan"),
+              "candidates": [{"reward": float("nan")}]}
+    path = tmp_path / "out.jsonl"
+    path.write_text(json.dumps(_without_nan(record), ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
+    (read,) = read_jsonl(path)
+    assert read["response"] == record["response"] and read["reward"] is None and read["candidates"][0]["reward"] is None

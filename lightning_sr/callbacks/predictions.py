@@ -48,17 +48,17 @@ class JSONLPredictionWriter(BasePredictionWriter):
         if stage != "predict":
             return
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
-        if trainer.is_global_zero and not self.resume and self.output_path.exists():
-            backup = self.output_path.with_name(f"{self.output_path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
-            self.output_path.rename(backup)
-            rank_zero_warn(f"resume=False: the existing {self.output_path} was kept as {backup}")
+        if trainer.is_global_zero:
+            if not self.resume:
+                self._back_up_old_outputs()
+            elif self._rank_files():  # left by an interrupted multi-process run
+                self._merge_rank_files()
+            else:
+                read_jsonl(self.output_path, repair=True)
         trainer.strategy.barrier("jsonl_writer_setup")
-        self.completed_ids = set()
-        if self.resume:
-            for path in [self.output_path, *self._rank_files()]:
-                self.completed_ids.update(record["id"] for record in read_jsonl(path, repair=trainer.is_global_zero))
-            if self.completed_ids:
-                rank_zero_info(f"Resuming: {len(self.completed_ids)} prompts already in {self.output_path} are skipped")
+        self.completed_ids = {record["id"] for record in read_jsonl(self.output_path)} if self.resume else set()
+        if self.completed_ids:
+            rank_zero_info(f"Resuming: {len(self.completed_ids)} prompts already in {self.output_path} are skipped")
         path = self.rank_path(trainer.global_rank) if trainer.world_size > 1 else self.output_path
         self._file = open(path, "a", encoding="utf-8")
         self._written = 0
@@ -73,7 +73,7 @@ class JSONLPredictionWriter(BasePredictionWriter):
         for record in records:
             if not isinstance(record, dict) or "id" not in record:
                 raise TypeError(f"JSONLPredictionWriter needs dict predictions with an 'id', got {type(record).__name__}")
-            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.write(json.dumps(_without_nan(record), ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
         self._written += len(records)
@@ -98,6 +98,15 @@ class JSONLPredictionWriter(BasePredictionWriter):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def _back_up_old_outputs(self) -> None:
+        """``resume=False``: earlier outputs are renamed with a timestamp, never overwritten."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for path in [self.output_path, *self._rank_files()]:
+            if path.exists():
+                backup = path.with_name(f"{path.name}.{stamp}.bak")
+                path.rename(backup)
+                rank_zero_warn(f"resume=False: the existing {path} was kept as {backup}")
 
     def _rank_files(self) -> list[Path]:
         return sorted(self.output_path.parent.glob(f"{self.output_path.stem}.rank*{self.output_path.suffix}"))
@@ -125,7 +134,15 @@ def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
     ``repair`` cut from the file so later appends stay valid; a bad line elsewhere is an error."""
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    # Split on "\n" only: JSON text may hold other characters str.splitlines() breaks at.
+    text = path.read_text(encoding="utf-8")
+    if repair and text and not text.endswith("\n"):
+        with open(path, "a", encoding="utf-8") as file:  # the next append must start a new line
+            file.write("\n")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    lines = [line + "\n" for line in lines]
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -140,6 +157,17 @@ def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
                 with open(path, "r+", encoding="utf-8") as file:
                     file.truncate(sum(len(x.encode("utf-8")) for x in lines[:-1]))
     return records
+
+
+def _without_nan(value):
+    """NaN (a reward model's failure) becomes null, so the output stays strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _without_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_nan(item) for item in value]
+    return value
 
 
 def summary(path: Path, seconds: float) -> str:

@@ -260,6 +260,11 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max(1, max_prompt_length or max_length // 2)
+        if self.max_prompt_length >= max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({max_length}) "
+                "so that responses keep at least one token"
+            )
         self.batch_size, self.num_workers = batch_size, num_workers
         self.chat_template, self.padding_side, self.seed = chat_template, padding_side, seed
         tokenizer_is_object = not (tokenizer is None or isinstance(tokenizer, str))
@@ -314,6 +319,8 @@ class PreferenceDataModule(pl.LightningDataModule):
             shuffle=True,
             num_workers=self.num_workers,
             collate_fn=self._collator(),
+            # A last batch of one pair would give KTO no mismatched pair for its KL estimate.
+            drop_last=self.batch_size > 1 and len(self.train_set) % self.batch_size == 1,
         )
 
     def val_dataloader(self) -> DataLoader | list:

@@ -23,7 +23,9 @@ def read_prompts(path: str | Path, prompt_field: str = "prompt", id_field: str =
         raise FileNotFoundError(f"prompt file not found: {path}")
     items, seen = [], {}
     jsonl = path.suffix in (".jsonl", ".json")
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # Split on "\n" only: JSON text may hold characters that str.splitlines() breaks at.
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         if jsonl:

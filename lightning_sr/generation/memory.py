@@ -31,9 +31,12 @@ def cache_bytes(cache) -> int:
 
 
 def free_cuda_bytes(device: torch.device, margin_fraction: float) -> int:
-    """Free memory on a CUDA device minus ``margin_fraction`` of its total size.
+    """Memory a new KV cache can take on a CUDA device, minus ``margin_fraction`` of its total.
 
+    Free means free on the device plus what PyTorch's allocator holds cached but unused (the
+    previous batch's cache, for instance), so the budget does not shrink from batch to batch.
     The margin leaves room for activations, the reward model's forward and allocator slack.
     """
     free, total = torch.cuda.mem_get_info(device)
-    return max(0, int(free - margin_fraction * total))
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return max(0, int(free + cached - margin_fraction * total))

@@ -79,12 +79,15 @@ def speculative_rejection(
         raise ValueError("prompts must be a non-empty list of strings or chat message lists")
     if n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n must be a positive integer or 'auto', got {n!r}")
-    if n == "auto" and not isinstance(schedule, MemorySchedule):
-        raise ValueError("n='auto' sizes n from the memory budget: it needs a MemorySchedule")
+    if n == "auto" and (alpha == 0 or not isinstance(schedule, MemorySchedule)):
+        raise ValueError(
+            "n='auto' sizes n from the memory budget, which only rejection keeps: it needs alpha > 0 "
+            "and a MemorySchedule (Best-of-N keeps every row to the end: give n)"
+        )
 
     prompt_ids = encode_prompts(tokenizer, prompts, chat_template=chat_template)
     limits = _row_limits(model, prompt_ids, sampling.max_new_tokens)
-    budget, per_token = None, kv_bytes_per_token(model.config, model.dtype)
+    budget, per_token = None, kv_bytes_per_token(model.config, _cache_dtype(model))
     if isinstance(schedule, MemorySchedule) and (alpha > 0 or n == "auto"):
         budget = schedule.resolve_budget(model.device)
         n = _fit_n(n, budget, per_token, prompt_ids, min(schedule.min_tokens, sampling.max_new_tokens))
@@ -137,6 +140,14 @@ def best_of_n(
         observer=observer,
         chat_template=chat_template,
     )
+
+
+def _cache_dtype(model) -> torch.dtype:
+    """The dtype the KV cache will be stored in: autocast's when it is on (mixed precision)."""
+    device_type = model.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return model.dtype
 
 
 def keep_count(group_size: int, alpha: float) -> int:
@@ -195,6 +206,7 @@ class _Row:
     rejected_at: int | None = None
     score: float = float("nan")
     scored_final: bool = False
+    scored_at: int = 0  # step of the last partial score
     in_pool: bool = True
 
 
@@ -211,6 +223,8 @@ class _Run:
         self.pending: list[int] = []  # ended rows waiting for their final score
         self.reward_calls: list[tuple[float, list[int]]] = []  # (seconds, rows scored)
         self.rounds = 0
+        self.last_decision = 0
+        self.group_decided_at: dict[int, int] = {}
         self.peak_kv = 0
 
     def generate(self, prompt_ids: list[list[int]], limits: list[int], seed: int) -> list[GenerationResult]:
@@ -237,11 +251,13 @@ class _Run:
                 self._end_row(row, step, stop)
 
             decision = self._is_decision(step, rollout, alive)
-            rejected = self._decide(step, rollout, alive) if decision else 0
-            while decision and self._over_budget(rollout, alive):
-                dropped = self._decide(step, rollout, alive)
+            rejected = 0
+            while decision:
+                shrank, dropped = self._decide(step, rollout, alive)
                 rejected += dropped
-                if dropped == 0:
+                if not self._over_budget(rollout, alive):
+                    break
+                if not shrank:  # every pool is down to one row and still no room
                     self._stop_for_budget(step, rollout, alive)
             rollout.keep(alive.nonzero().squeeze(1))
             if rollout.num_rows:
@@ -283,11 +299,13 @@ class _Run:
             return step in self.schedule.lengths
         return step >= self.schedule.min_tokens and self._over_budget(rollout, alive)
 
-    def _decide(self, step: int, rollout: Rollout, alive: torch.Tensor) -> int:
+    def _decide(self, step: int, rollout: Rollout, alive: torch.Tensor) -> tuple[bool, int]:
         """Score the pools that must shrink and reject their weakest rows (``alive`` is updated).
 
         A pool is a prompt's live rows plus its ended rows not yet rejected (those rank with their
-        final scores). Returns how many live rows were rejected.
+        final scores). Under a memory budget this may run again at the same step until the rows
+        fit; partial responses already scored at this step are not scored again. Returns whether
+        any pool shrank and how many live rows were rejected.
         """
         live_rows = set(rollout.row_ids[alive].tolist())
         for row in live_rows:
@@ -298,9 +316,15 @@ class _Run:
                 pools.setdefault(state.group, []).append(row)
         shrinking = {g: rows for g, rows in pools.items() if keep_count(len(rows), self.alpha) < len(rows)}
         if not shrinking:
-            return 0
-        self.rounds += 1
-        partial = [row for rows in shrinking.values() for row in rows if not self.rows[row].ended]
+            return False, 0
+        first_pass = self.last_decision != step
+        self.last_decision = step
+        self.rounds += first_pass
+        partial = [
+            row for rows in shrinking.values() for row in rows if not self.rows[row].ended and self.rows[row].scored_at != step
+        ]
+        for row in partial:
+            self.rows[row].scored_at = step
         self._score(self.pending, partial_rows=partial)
         rejected = set()
         for group, rows in shrinking.items():
@@ -310,12 +334,18 @@ class _Run:
                 if row in live_rows:
                     self.rows[row].rejected_at = step
                     rejected.add(row)
-            self.stats[group].rounds += 1
-            self.stats[group].live_rows_per_round.append(len([r for r in rows if r in live_rows and r not in rejected]))
+            stats = self.stats[group]
+            survivors = len([r for r in rows if r in live_rows and r not in rejected])
+            if self.group_decided_at.get(group) == step:  # a further pass at the same decision point
+                stats.live_rows_per_round[-1] = survivors
+            else:
+                self.group_decided_at[group] = step
+                stats.rounds += 1
+                stats.live_rows_per_round.append(survivors)
         if rejected:
             dropped = torch.tensor([row in rejected for row in rollout.row_ids.tolist()], device=alive.device)
             alive &= ~dropped
-        return len(rejected)
+        return True, len(rejected)
 
     def _stop_for_budget(self, step: int, rollout: Rollout, alive: torch.Tensor) -> None:
         """No rejection can make room: the live rows end here and are scored as they are."""
@@ -354,7 +384,6 @@ class _Run:
             state.score = score
             state.scored_final = state.ended
             self.stats[state.group].reward_tokens += int(tokens)
-            self.stats[state.group].nan_rewards += int(math.isnan(score))
         for group in {self.rows[row].group for row in rows}:
             self.stats[group].reward_calls += 1
         self.pending = []
@@ -372,6 +401,7 @@ class _Run:
                 Candidate(texts[row], ids[row], state.score, state.stopped, state.scored_final, state.rejected_at)
             )
             self.stats[state.group].tokens_generated += state.length
+            self.stats[state.group].nan_rewards += int(state.scored_final and math.isnan(state.score))
         total_tokens = sum(stats.tokens_generated for stats in self.stats) or 1
         for seconds, rows in self.reward_calls:
             for row in rows:

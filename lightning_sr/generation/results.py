@@ -69,7 +69,7 @@ class GenerationStats:
     reward_calls: int = 0
     reward_tokens: int = 0
     nan_rewards: int = 0
-    """Scores that came back NaN (they rank last)."""
+    """Candidates whose final score came back NaN (they rank last)."""
     generation_seconds: float = 0.0
     reward_seconds: float = 0.0
     peak_kv_bytes: int = 0

@@ -77,7 +77,8 @@ class SpeculativeRejectionModule(pl.LightningModule):
             raise ValueError("method='best_of_n' needs an explicit n")
         objects = {"generator": generator, "reward_model": reward_model, "tokenizer": tokenizer}
         self.save_hyperparameters(ignore=[name for name, value in objects.items() if not isinstance(value, (str, type(None)))])
-        self.generator_source, self.reward_source, self.tokenizer_source = generator, reward_model, tokenizer
+        # A plain dict, so that model objects given here are not registered as submodules.
+        self._sources = {"generator": generator, "reward_model": reward_model, "tokenizer": tokenizer}
         self.n, self.alpha, self.seed, self.method = n, alpha, seed, method
         self.schedule = schedule
         self.sampling = sampling or SamplingParams()
@@ -96,20 +97,20 @@ class SpeculativeRejectionModule(pl.LightningModule):
         from lightning_sr.assets import resolve_model
 
         dtype = _torch_dtype(self.dtype_name)
-        source = self.generator_source
+        source, tokenizer = self._sources["generator"], self._sources["tokenizer"]
         if isinstance(source, str):
             path = resolve_model(source)
             generator = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-            tokenizer = self.tokenizer_source or path
+            tokenizer = tokenizer or path
         else:
-            generator, tokenizer = source, self.tokenizer_source
+            generator = source
             if tokenizer is None:
                 raise ValueError("SpeculativeRejectionModule needs `tokenizer` when `generator` is a model object")
         if isinstance(tokenizer, str):
             tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer))
         self.generator = generator.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        reward = self.reward_source
+        reward = self._sources["reward_model"]
         if isinstance(reward, str):
             reward = HFRewardModel(reward, dtype=dtype)
         if not hasattr(reward, "score"):

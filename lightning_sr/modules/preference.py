@@ -39,7 +39,7 @@ def load_causal_lm(name_or_path: str, dtype: str | None = "float32") -> nn.Modul
 
     from lightning_sr.assets import resolve_model
 
-    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+    kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)} if dtype else {}
     return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), **kwargs)
 
 
@@ -92,7 +92,9 @@ class PreferenceModule(pl.LightningModule):
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dtype_name = dtype
-        self._policy_spec, self._reference_spec, self._base_spec = policy, reference, base_model
+        # A plain dict, so that model objects given here are not registered as submodules
+        # (they would be saved in checkpoints and moved to the device a second time).
+        self._specs = {"policy": policy, "reference": reference, "base": base_model}
         self.policy: nn.Module | None = policy if isinstance(policy, nn.Module) else None
         self.reference: nn.Module | None = None
         self.train_accuracy = BinaryAccuracy()
@@ -104,23 +106,23 @@ class PreferenceModule(pl.LightningModule):
     @property
     def tokenizer_name_or_path(self) -> str | None:
         """Where the policy's tokenizer lives, for the data module (None for a model object)."""
-        if isinstance(self._policy_spec, str):
-            return self._policy_spec
-        path = getattr(self._policy_spec, "name_or_path", None)
+        if isinstance(self._specs["policy"], str):
+            return self._specs["policy"]
+        path = getattr(self._specs["policy"], "name_or_path", None)
         return path or None
 
     def configure_model(self) -> None:
         """Load the policy and build the frozen reference (once; later calls do nothing)."""
         if self.policy is None:
-            self.policy = load_causal_lm(self._policy_spec, self.dtype_name)
+            self.policy = load_causal_lm(self._specs["policy"], self.dtype_name)
         self.policy.train(self.training)  # from_pretrained returns eval mode; Lightning keeps modes
         if self.reference is None:
-            if self._reference_spec is None:
+            if self._specs["reference"] is None:
                 reference = copy.deepcopy(self.policy)
-            elif isinstance(self._reference_spec, str):
-                reference = load_causal_lm(self._reference_spec, self.dtype_name)
+            elif isinstance(self._specs["reference"], str):
+                reference = load_causal_lm(self._specs["reference"], self.dtype_name)
             else:
-                reference = self._reference_spec
+                reference = self._specs["reference"]
             self.reference = reference.requires_grad_(False).eval()
 
     def train(self, mode: bool = True):
@@ -131,17 +133,17 @@ class PreferenceModule(pl.LightningModule):
         return self
 
     def _base(self) -> nn.Module:
-        spec = self._base_spec
+        spec = self._specs["base"]
         if isinstance(spec, nn.Module):
             return spec
-        if spec == self._policy_spec and self._reference_spec is None:
+        if spec == self._specs["policy"] and self._specs["reference"] is None:
             return self.reference  # the policy as loaded, already in memory
         return load_causal_lm(spec, self.dtype_name)  # stays on the CPU; set_base moves tensor by tensor
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = self.optimizer(params)
-        if self._base_spec is not None:
+        if self._specs["base"] is not None:
             if not callable(getattr(optimizer, "set_base", None)):
                 raise TypeError(
                     f"base_model is set but the optimizer {type(optimizer).__name__} has no set_base(); "

@@ -136,6 +136,7 @@ def _context_length(model, tokenizer) -> int:
 
 
 def _dtype(dtype):
-    if isinstance(dtype, str):
+    """A torch dtype from its name; ``"auto"`` (the checkpoint's own) and None pass through."""
+    if isinstance(dtype, str) and dtype != "auto":
         return getattr(torch, dtype)
     return dtype
