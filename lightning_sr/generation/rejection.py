@@ -259,6 +259,7 @@ class _Run:
                     break
                 if not shrank:  # every pool is down to one row and still no room
                     self._stop_for_budget(step, rollout, alive)
+                    break
             rollout.keep(alive.nonzero().squeeze(1))
             if rollout.num_rows:
                 rollout.step(next_tokens[alive])
