@@ -1,6 +1,7 @@
 """The generation engine: exactness against transformers, pruning, schedules, rejection, errors."""
 
 import math
+import warnings
 import zlib
 
 import pytest
@@ -317,3 +318,27 @@ def test_cuda_budget_counts_the_allocators_cached_memory(monkeypatch):
     # 30 free on the device + 30 cached by PyTorch but unused - a 10% margin of 100.
     assert free_cuda_bytes(torch.device("cuda", 0), margin_fraction=0.1) == 50
     assert MemorySchedule(margin_fraction=0.1).resolve_budget(torch.device("cuda", 0)) == 50
+
+
+def test_memory_decision_keeps_ranking_until_the_rows_fit(tokenizer, llama):
+    """Finished rows with low scores are dropped from the pool first; ranking goes on at the same
+    step until a live row goes, instead of stopping every live row for lack of room."""
+    per_token = kv_bytes_per_token(llama.config, llama.dtype)
+    stops = tokenizer.convert_tokens_to_ids(["the", "a", "good", "you", "i", "is", "not", "day", "."])
+    longer_is_better = FunctionReward(lambda prompt, response: float(len(response.split())))
+    events = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "cannot hold one more token" stop
+        (result,) = speculative_rejection(
+            llama, tokenizer, longer_is_better, ["thanks"], n=6, alpha=0.5,
+            schedule=MemorySchedule(budget_bytes=24 * per_token, min_tokens=3),  # 2 rows x 12 tokens
+            sampling=SamplingParams(max_new_tokens=16, stop_token_ids=stops), seed=13, observer=events.append,
+        )
+    (decision,) = [e.step for e in events if e.decision]
+    finished_early = [c for c in result.candidates if c.finished and len(c.token_ids) + 1 < decision]
+    live_at_decision = [c for c in result.candidates if len(c.token_ids) + c.finished >= decision]
+    assert len(finished_early) >= 3 and len(live_at_decision) == 2  # the case under test
+    assert sorted(c.rejected_at for c in live_at_decision if c.rejected_at) == [decision]
+    (survivor,) = [c for c in live_at_decision if c.rejected_at is None]
+    assert len(survivor.token_ids) + survivor.finished > decision  # it kept decoding
+    assert result.stats.live_rows_per_round == [6, 1] and result.stats.rounds == 1
