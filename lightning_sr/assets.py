@@ -86,6 +86,31 @@ def resolve_model(name_or_path: str) -> str:
     return str(target)
 
 
+def torch_dtype(dtype):
+    """A torch dtype from its name (``"bfloat16"``); a dtype, ``"auto"`` and None pass through."""
+    if not isinstance(dtype, str) or dtype == "auto":
+        return dtype
+    import torch
+
+    value = getattr(torch, dtype, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype must be a torch dtype name such as 'float32' or 'bfloat16', got {dtype!r}")
+    return value
+
+
+def load_causal_lm(name_or_path: str, dtype=None, **kwargs):
+    """``AutoModelForCausalLM`` from a hub id, a local folder or an embedded default name.
+
+    ``dtype`` is a torch dtype, its name, or ``"auto"`` (the checkpoint's own); None leaves
+    transformers' default.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if dtype is not None:
+        kwargs["dtype"] = torch_dtype(dtype)
+    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), **kwargs)
+
+
 def cache_root() -> Path:
     """``$LIGHTNING_SR_CACHE``, or ``~/.cache/lightning_sr``."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lightning_sr").expanduser()

@@ -29,14 +29,6 @@ from lightning_sr.optim.online_merging import OnlineMergingOptimizer
 __all__ = ["OnlineMerging", "load_base_state"]
 
 
-def _resolve(name: str) -> str:
-    try:
-        from lightning_sr.assets import resolve_model
-    except ImportError:
-        return name
-    return resolve_model(name)
-
-
 def load_base_state(
     base_model: str | nn.Module | Mapping[str, torch.Tensor], **load_kwargs: Any
 ) -> Mapping[str, torch.Tensor]:
@@ -51,10 +43,9 @@ def load_base_state(
     if isinstance(base_model, Mapping):
         return base_model
     if isinstance(base_model, str):
-        from transformers import AutoModelForCausalLM
+        from lightning_sr.assets import load_causal_lm
 
-        kwargs = {"dtype": "auto", **load_kwargs}
-        return AutoModelForCausalLM.from_pretrained(_resolve(base_model), **kwargs).state_dict()
+        return load_causal_lm(base_model, **{"dtype": "auto", **load_kwargs}).state_dict()
     raise TypeError(
         f"OnlineMerging: base_model must be a model name or path, a torch.nn.Module or a state "
         f"dict, got {type(base_model).__name__}"

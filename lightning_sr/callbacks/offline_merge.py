@@ -152,7 +152,7 @@ class OfflineMerge(pl.Callback):
         if self.base_model is None:
             anchor, models, weights = reference_state, [policy_state], [self.weight]
         else:
-            from lightning_sr.modules.preference import load_causal_lm
+            from lightning_sr.assets import load_causal_lm
 
             base = load_causal_lm(self.base_model, dtype=None)
             anchor = base.state_dict()

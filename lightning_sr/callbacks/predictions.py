@@ -35,7 +35,6 @@ class JSONLPredictionWriter(BasePredictionWriter):
         self.resume = resume
         self.completed_ids: set = set()
         self._file = None
-        self._written = 0
 
     @property
     def state_key(self) -> str:
@@ -61,7 +60,6 @@ class JSONLPredictionWriter(BasePredictionWriter):
             rank_zero_info(f"Resuming: {len(self.completed_ids)} prompts already in {self.output_path} are skipped")
         path = self.rank_path(trainer.global_rank) if trainer.world_size > 1 else self.output_path
         self._file = open(path, "a", encoding="utf-8")
-        self._written = 0
         self._started = time.perf_counter()
 
     def on_predict_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -76,7 +74,6 @@ class JSONLPredictionWriter(BasePredictionWriter):
             self._file.write(json.dumps(_without_nan(record), ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
-        self._written += len(records)
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self._close()

@@ -247,22 +247,28 @@ class _Run:
             stopped = torch.isin(next_tokens, eos)
             ended = stopped | (step >= row_limit[rollout.row_ids])
             alive = ~ended
-            for row, stop in zip(rollout.row_ids[ended].tolist(), stopped[ended].tolist()):
+            ended_rows = rollout.row_ids[ended].tolist()
+            for row, stop in zip(ended_rows, stopped[ended].tolist()):
                 self._end_row(row, step, stop)
+            live = rollout.num_rows - len(ended_rows)
 
-            decision = self._is_decision(step, rollout, alive)
+            decision = self._is_decision(step, rollout, live)
             rejected = 0
             while decision:
                 shrank, dropped = self._decide(step, rollout, alive)
                 rejected += dropped
-                if not self._over_budget(rollout, alive):
+                live -= dropped
+                if not self._over_budget(rollout, live):
                     break
                 if not shrank:  # every pool is down to one row and still no room
                     self._stop_for_budget(step, rollout, alive)
+                    live = 0
                     break
-            rollout.keep(alive.nonzero().squeeze(1))
-            if rollout.num_rows:
-                rollout.step(next_tokens[alive])
+            if live < rollout.num_rows:  # only then is there anything to drop
+                rollout.keep(alive.nonzero().squeeze(1))
+                next_tokens = next_tokens[alive]
+            if live:
+                rollout.step(next_tokens)
             kv_bytes = rollout.kv_bytes if rollout.num_rows else 0
             self.peak_kv = max(self.peak_kv, kv_bytes)
             if self.observer is not None:
@@ -273,7 +279,7 @@ class _Run:
                         live_rows=rollout.num_rows,
                         kv_bytes=kv_bytes,
                         rejected_rows=rejected,
-                        finished_rows=int(ended.sum()),
+                        finished_rows=len(ended_rows),
                         decision=decision,
                         round=self.rounds,
                         num_prompts=len(self.prompts),
@@ -287,18 +293,18 @@ class _Run:
         state.length, state.stopped, state.ended = step, stopped, True
         self.pending.append(row)
 
-    def _over_budget(self, rollout: Rollout, alive: torch.Tensor) -> bool:
-        """Would one more token for every live row push the KV cache past the budget?"""
+    def _over_budget(self, rollout: Rollout, live: int) -> bool:
+        """Would one more token for each of the ``live`` rows push the KV cache past the budget?"""
         if self.budget is None:
             return False
-        return int(alive.sum()) * (rollout.sequence_length + 1) * self.per_token > self.budget
+        return live * (rollout.sequence_length + 1) * self.per_token > self.budget
 
-    def _is_decision(self, step: int, rollout: Rollout, alive: torch.Tensor) -> bool:
-        if self.alpha == 0 or not bool(alive.any()):
+    def _is_decision(self, step: int, rollout: Rollout, live: int) -> bool:
+        if self.alpha == 0 or live == 0:
             return False
         if isinstance(self.schedule, FixedSchedule):
             return step in self.schedule.lengths
-        return step >= self.schedule.min_tokens and self._over_budget(rollout, alive)
+        return step >= self.schedule.min_tokens and self._over_budget(rollout, live)
 
     def _decide(self, step: int, rollout: Rollout, alive: torch.Tensor) -> tuple[bool, int]:
         """Score the pools that must shrink and reject their weakest rows (``alive`` is updated).

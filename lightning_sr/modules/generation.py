@@ -92,16 +92,15 @@ class SpeculativeRejectionModule(pl.LightningModule):
         """Load the generator, its tokenizer and the reward model (once)."""
         if self.generator is not None:
             return
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        from lightning_sr.assets import resolve_model
+        from lightning_sr.assets import load_causal_lm, resolve_model, torch_dtype
 
-        dtype = _torch_dtype(self.dtype_name)
+        dtype = torch_dtype(self.dtype_name)
         source, tokenizer = self._sources["generator"], self._sources["tokenizer"]
         if isinstance(source, str):
-            path = resolve_model(source)
-            generator = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-            tokenizer = tokenizer or path
+            generator = load_causal_lm(source, dtype)
+            tokenizer = tokenizer or source
         else:
             generator = source
             if tokenizer is None:
@@ -200,11 +199,3 @@ class SpeculativeRejectionModule(pl.LightningModule):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=batch_idx)
 
-
-def _torch_dtype(name: str | None):
-    if name in (None, "auto"):
-        return "auto"
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype must be a torch dtype name such as 'float32' or 'bfloat16', got {name!r}")
-    return dtype

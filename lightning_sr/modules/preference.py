@@ -27,20 +27,11 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAccuracy
 
+from lightning_sr.assets import load_causal_lm
 from lightning_sr.losses import dpo_loss, ipo_loss, kto_loss
 from lightning_sr.modules.logprobs import sequence_logprobs
 
 LOSSES = ("dpo", "ipo", "kto")
-
-
-def load_causal_lm(name_or_path: str, dtype: str | None = "float32") -> nn.Module:
-    """``AutoModelForCausalLM`` from a hub id, a local folder or an embedded default name."""
-    from transformers import AutoModelForCausalLM
-
-    from lightning_sr.assets import resolve_model
-
-    kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)} if dtype else {}
-    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), **kwargs)
 
 
 class PreferenceModule(pl.LightningModule):

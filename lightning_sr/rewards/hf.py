@@ -41,10 +41,10 @@ class HFRewardModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if isinstance(model, str):
-            from lightning_sr.assets import resolve_model
+            from lightning_sr.assets import resolve_model, torch_dtype
 
             path = resolve_model(model)
-            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_dtype(dtype))
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype(dtype))
             tokenizer = tokenizer if tokenizer is not None else path
         if tokenizer is None:
             raise ValueError("HFRewardModel needs the reward model's tokenizer when given a model object")
@@ -134,9 +134,3 @@ def _context_length(model, tokenizer) -> int:
     limits = [int(x) for x in limits if x is not None and x < 1_000_000]
     return min(limits) if limits else 512
 
-
-def _dtype(dtype):
-    """A torch dtype from its name; ``"auto"`` (the checkpoint's own) and None pass through."""
-    if isinstance(dtype, str) and dtype != "auto":
-        return getattr(torch, dtype)
-    return dtype
