@@ -28,7 +28,6 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable
@@ -84,31 +83,6 @@ def resolve_model(name_or_path: str) -> str:
     if not _is_built(target):
         _build_atomically(target, builders[name_or_path])
     return str(target)
-
-
-def torch_dtype(dtype):
-    """A torch dtype from its name (``"bfloat16"``); a dtype, ``"auto"`` and None pass through."""
-    if not isinstance(dtype, str) or dtype == "auto":
-        return dtype
-    import torch
-
-    value = getattr(torch, dtype, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype must be a torch dtype name such as 'float32' or 'bfloat16', got {dtype!r}")
-    return value
-
-
-def load_causal_lm(name_or_path: str, dtype=None, **kwargs):
-    """``AutoModelForCausalLM`` from a hub id, a local folder or an embedded default name.
-
-    ``dtype`` is a torch dtype, its name, or ``"auto"`` (the checkpoint's own); None leaves
-    transformers' default.
-    """
-    from transformers import AutoModelForCausalLM
-
-    if dtype is not None:
-        kwargs["dtype"] = torch_dtype(dtype)
-    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), **kwargs)
 
 
 def cache_root() -> Path:
@@ -245,10 +219,9 @@ def build_reward_model(folder: Path) -> None:
         raise FileNotFoundError(
             f"the reward head {HEAD_FILE} is missing: rebuild it with `python scripts/train_reward_head.py`"
         )
-    with _quiet_transformers():  # it would report the classifier as "newly initialized"
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, local_files_only=True, dtype=torch.float32
-        )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=1, local_files_only=True, dtype=torch.float32
+    )
     with safe_open(str(HEAD_FILE), framework="pt") as handle:
         head = {key: handle.get_tensor(key) for key in handle.keys()}
         metadata = handle.metadata() or {}
@@ -286,7 +259,10 @@ def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
     start = time.perf_counter()
     logger.warning("Building %s once into %s (later runs load it from there)", target.name, target)
     try:
-        build(scratch)
+        from lightning_sr.loading import quiet_transformers  # loading imports this module
+
+        with quiet_transformers():  # our two log lines say what happens; no per-file bars
+            build(scratch)
         try:
             os.rename(scratch, target)
         except OSError:
@@ -309,18 +285,6 @@ def _remove_stale_scratch(target: Path, max_age_s: float = 6 * 3600) -> None:
                 shutil.rmtree(stale, ignore_errors=True)
         except OSError:
             pass
-
-
-@contextmanager
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(previous)
 
 
 def _clean_tokenizer_config(tokenizer, **settings) -> None:

@@ -273,7 +273,7 @@ def test_chat_message_prompts_use_the_chat_template(chat_tokenizer):
         ({"n": 0}, PROMPTS, "n must be a positive integer"),
         ({"n": -3}, PROMPTS, "n must be a positive integer"),
         ({}, [], "non-empty list"),
-        ({}, ["the day", ""], "prompt 1 is empty"),
+        ({}, ["the day", ""], "prompt 1: the prompt is empty"),
         ({}, ["good " * 300], "prompt 0 has 300 tokens"),
         ({}, [[{"role": "user", "content": "hi"}]], "no chat template"),
         ({"n": "auto", "alpha": 0.0, "schedule": MemorySchedule(budget_bytes=10**6)}, PROMPTS, "needs alpha > 0"),

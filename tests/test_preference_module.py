@@ -15,7 +15,7 @@ from lightning_sr.data.preferences import (
     read_preferences,
     truncate_pair,
 )
-from lightning_sr.modules.logprobs import sequence_logprobs
+from lightning_sr.losses import sequence_logprobs
 from lightning_sr.modules.preference import PreferenceModule
 
 PAIRS = [

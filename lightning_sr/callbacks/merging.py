@@ -43,7 +43,7 @@ def load_base_state(
     if isinstance(base_model, Mapping):
         return base_model
     if isinstance(base_model, str):
-        from lightning_sr.assets import load_causal_lm
+        from lightning_sr.loading import load_causal_lm
 
         return load_causal_lm(base_model, **{"dtype": "auto", **load_kwargs}).state_dict()
     raise TypeError(

@@ -152,7 +152,7 @@ class OfflineMerge(pl.Callback):
         if self.base_model is None:
             anchor, models, weights = reference_state, [policy_state], [self.weight]
         else:
-            from lightning_sr.assets import load_causal_lm
+            from lightning_sr.loading import load_causal_lm
 
             base = load_causal_lm(self.base_model, dtype=None)
             anchor = base.state_dict()
@@ -186,7 +186,7 @@ class OfflineMerge(pl.Callback):
             return tokenizer
         name = tokenizer if isinstance(tokenizer, str) else getattr(pl_module, "tokenizer_name_or_path", None)
         if name:
-            from lightning_sr.data.preferences import load_tokenizer
+            from lightning_sr.loading import load_tokenizer
 
             return load_tokenizer(name)
         return None

@@ -33,6 +33,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_sr.chat import encode_exchange
+from lightning_sr.loading import load_tokenizer
+
 FIELDS = ("prompt", "chosen", "rejected")
 
 
@@ -108,46 +111,17 @@ class PreferenceTokenizer:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
-        self.use_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
-
-    def _ids(self, text: str, special: bool) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
-
-    def _messages(self, value: Any, role: str) -> list[dict]:
-        return value if isinstance(value, list) else [{"role": role, "content": value}]
+        self.chat_template = chat_template
 
     def _render(self, record: PreferenceRecord) -> tuple[list[int], list[int], list[int]]:
-        tok = self.tokenizer
-        if self.use_template:
-            messages = self._messages(record.prompt, "user")
-            prompt_text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            responses = []
-            for field in ("chosen", "rejected"):
-                full = tok.apply_chat_template(
-                    messages + self._messages(getattr(record, field), "assistant"), tokenize=False
-                )
-                if not full.startswith(prompt_text):
-                    raise ValueError(
-                        f"{record.source}: the chat template does not render {field!r} as a continuation "
-                        "of the prompt with its generation prompt; pass chat_template=False"
-                    )
-                responses.append(self._ids(full[len(prompt_text) :], special=False))
-            return self._ids(prompt_text, special=False), responses[0], responses[1]
-        texts = []
-        for field in FIELDS:
-            value = getattr(record, field)
-            if isinstance(value, list):
-                raise ValueError(
-                    f"{record.source}: field {field!r} holds chat messages but the tokenizer has no chat "
-                    "template (or chat_template=False)"
-                )
-            texts.append(value)
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        return (
-            self._ids(texts[0], special=True),
-            self._ids(texts[1], special=False) + eos,
-            self._ids(texts[2], special=False) + eos,
-        )
+        replies = []
+        for field in ("chosen", "rejected"):
+            try:
+                prompt, reply = encode_exchange(self.tokenizer, record.prompt, getattr(record, field), self.chat_template)
+            except ValueError as error:
+                raise ValueError(f"{record.source}: field {field!r}: {error}") from None
+            replies.append(reply)
+        return prompt, replies[0], replies[1]
 
     def __call__(self, record: PreferenceRecord) -> dict:
         prompt, chosen, rejected = self._render(record)
@@ -209,15 +183,6 @@ class PreferenceCollator:
             kl_rows.append((e["prompt_ids"], other[: self.max_length - len(e["prompt_ids"])]))
         batch.update({f"kl_{k}": v for k, v in pad_rows(kl_rows, self.pad_id, self.padding_side).items()})
         return batch
-
-
-def load_tokenizer(name_or_path: str):
-    """``AutoTokenizer`` for a hub id, a local folder or an embedded default name."""
-    from transformers import AutoTokenizer
-
-    from lightning_sr.assets import resolve_model
-
-    return AutoTokenizer.from_pretrained(resolve_model(name_or_path))
 
 
 class PreferenceDataModule(pl.LightningDataModule):

@@ -92,26 +92,20 @@ class SpeculativeRejectionModule(pl.LightningModule):
         """Load the generator, its tokenizer and the reward model (once)."""
         if self.generator is not None:
             return
-        from transformers import AutoTokenizer
+        from lightning_sr.loading import load_causal_lm, load_tokenizer
 
-        from lightning_sr.assets import load_causal_lm, resolve_model, torch_dtype
-
-        dtype = torch_dtype(self.dtype_name)
         source, tokenizer = self._sources["generator"], self._sources["tokenizer"]
         if isinstance(source, str):
-            generator = load_causal_lm(source, dtype)
             tokenizer = tokenizer or source
-        else:
-            generator = source
-            if tokenizer is None:
-                raise ValueError("SpeculativeRejectionModule needs `tokenizer` when `generator` is a model object")
-        if isinstance(tokenizer, str):
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer))
+        elif tokenizer is None:
+            raise ValueError("SpeculativeRejectionModule needs `tokenizer` when `generator` is a model object")
+        generator = load_causal_lm(source, self.dtype_name)
+        tokenizer = load_tokenizer(tokenizer)
         self.generator = generator.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         reward = self._sources["reward_model"]
         if isinstance(reward, str):
-            reward = HFRewardModel(reward, dtype=dtype)
+            reward = HFRewardModel(reward, dtype=self.dtype_name)
         if not hasattr(reward, "score"):
             raise TypeError(f"reward_model must be a name, a path or a RewardModel, got {type(reward).__name__}")
         self.reward = reward

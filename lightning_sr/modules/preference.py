@@ -27,9 +27,8 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAccuracy
 
-from lightning_sr.assets import load_causal_lm
-from lightning_sr.losses import dpo_loss, ipo_loss, kto_loss
-from lightning_sr.modules.logprobs import sequence_logprobs
+from lightning_sr.loading import load_causal_lm
+from lightning_sr.losses import dpo_loss, ipo_loss, kto_loss, sequence_logprobs
 
 LOSSES = ("dpo", "ipo", "kto")
 

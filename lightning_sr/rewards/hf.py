@@ -6,7 +6,8 @@ from typing import Any, Sequence
 
 import torch
 
-from lightning_sr.generation.prompts import as_messages, prompt_text
+from lightning_sr.chat import as_messages, prompt_text, uses_chat_template
+from lightning_sr.loading import load_sequence_classifier, load_tokenizer
 
 
 class HFRewardModel:
@@ -38,20 +39,12 @@ class HFRewardModel:
         label_index: int | None = None,
         chat_template: bool = True,
     ):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         if isinstance(model, str):
-            from lightning_sr.assets import resolve_model, torch_dtype
-
-            path = resolve_model(model)
-            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype(dtype))
-            tokenizer = tokenizer if tokenizer is not None else path
+            tokenizer = tokenizer if tokenizer is not None else model
+            model = load_sequence_classifier(model, dtype)
         if tokenizer is None:
             raise ValueError("HFRewardModel needs the reward model's tokenizer when given a model object")
-        if isinstance(tokenizer, str):
-            from lightning_sr.assets import resolve_model
-
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer))
+        tokenizer = load_tokenizer(tokenizer)
         num_labels = model.config.num_labels
         if label_index is None and num_labels != 1:
             raise ValueError(
@@ -67,7 +60,7 @@ class HFRewardModel:
         self.tokenizer = tokenizer
         self.label_index = label_index or 0
         self.max_batch_tokens = max_batch_tokens
-        self.use_chat_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
+        self.use_chat_template = uses_chat_template(tokenizer, chat_template)
         self.max_length = _context_length(model, tokenizer)
         self.last_token_counts: list[int] = []
 

@@ -1,0 +1,121 @@
+"""Loading models, tokenizers and weights by name: the one place every other module loads from.
+
+A *source* is a hub id, a local Hugging Face folder, an embedded default name
+(``"smollm2-135m-instruct"``, ``"minilm-positivity"``: see :mod:`lightning_sr.assets`), or an
+object that is already loaded (returned as it is). Loading is quiet: transformers' per-load
+"Loading weights" bars and notices are switched off while our loaders run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_sr.assets import resolve_model
+
+
+def torch_dtype(dtype: Any) -> Any:
+    """A torch dtype from its name (``"bfloat16"``); a dtype, ``"auto"`` and None pass through."""
+    if not isinstance(dtype, str) or dtype == "auto":
+        return dtype
+    value = getattr(torch, dtype, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype must be a torch dtype name such as 'float32' or 'bfloat16', got {dtype!r}")
+    return value
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers without progress bars and below-error log lines, restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_causal_lm(source: str | nn.Module, dtype: Any = None, **kwargs) -> nn.Module:
+    """An ``AutoModelForCausalLM`` from a source; ``dtype`` is a dtype, its name, ``"auto"`` or None."""
+    if isinstance(source, nn.Module):
+        return source
+    from transformers import AutoModelForCausalLM
+
+    if dtype is not None:
+        kwargs["dtype"] = torch_dtype(dtype)
+    with quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(resolve_model(source), **kwargs)
+
+
+def load_sequence_classifier(source: str | nn.Module, dtype: Any = None, **kwargs) -> nn.Module:
+    """An ``AutoModelForSequenceClassification`` (a reward model) from a source."""
+    if isinstance(source, nn.Module):
+        return source
+    from transformers import AutoModelForSequenceClassification
+
+    if dtype is not None:
+        kwargs["dtype"] = torch_dtype(dtype)
+    with quiet_transformers():
+        return AutoModelForSequenceClassification.from_pretrained(resolve_model(source), **kwargs)
+
+
+def load_tokenizer(source: Any):
+    """An ``AutoTokenizer`` from a source; a tokenizer object is returned as it is."""
+    if not isinstance(source, (str, Path)):
+        return source
+    from transformers import AutoTokenizer
+
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(resolve_model(str(source)))
+
+
+def load_weights(source: Any, **kwargs) -> Mapping[str, torch.Tensor]:
+    """A model's tensors by name, from whatever form a user has them in.
+
+    - a ``torch.nn.Module`` or a mapping of tensors: used as they are;
+    - a ``.safetensors`` file;
+    - a Lightning ``.ckpt`` (its ``state_dict``) or any ``torch.save`` file of a state dict
+      (loaded with ``weights_only=True``);
+    - anything else: a hub id, a Hugging Face folder or an embedded name, loaded with
+      :func:`load_causal_lm` in the checkpoint's own dtype (``kwargs`` go to ``from_pretrained``).
+
+    Names keep their prefixes (a ``.ckpt`` of a LightningModule holding ``self.policy`` names its
+    weights ``policy.model...``); the online merging optimizers align prefixes by themselves.
+    """
+    if isinstance(source, nn.Module):
+        return source.state_dict()
+    if isinstance(source, Mapping):
+        return source
+    if not isinstance(source, (str, Path)):
+        raise TypeError(
+            f"weights must come from a model name or path, a checkpoint file, a torch.nn.Module or "
+            f"a state dict, got {type(source).__name__}"
+        )
+    path = Path(source)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(_existing(path)))
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        state = torch.load(_existing(path), map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, Mapping) else state
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path} holds no state dict of tensors (a Lightning .ckpt or a torch.save of one)")
+        return state
+    return load_causal_lm(str(source), **{"dtype": "auto", **kwargs}).state_dict()
+
+
+def _existing(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    return path
