@@ -1,23 +1,41 @@
 """lightning-sr: Speculative Rejection, online merging optimizers and memory profiling for Lightning.
 
-The engine packages (``generation``, ``rewards``, ``losses``, ``optim``) import no Lightning; the
-Lightning modules are loaded lazily here so ``import lightning_sr.generation`` stays light.
+- Engine (plain PyTorch + transformers, no Lightning): :mod:`lightning_sr.generation`,
+  :mod:`lightning_sr.rewards`, :mod:`lightning_sr.losses`, :mod:`lightning_sr.optim`,
+  :mod:`lightning_sr.merging`, :mod:`lightning_sr.chat`.
+- Lightning: :mod:`lightning_sr.modules`, :mod:`lightning_sr.data`, :mod:`lightning_sr.callbacks`,
+  :mod:`lightning_sr.cli`; each class works with ``lightning.pytorch`` and ``pytorch_lightning``
+  (see :mod:`lightning_sr.lightning_packages`).
+
+Names load on first use, so ``import lightning_sr.generation`` stays light.
 """
 
-__version__ = "0.1.0"
+import logging
+from typing import TYPE_CHECKING
 
-_LAZY = {
-    "SpeculativeRejectionModule": "lightning_sr.modules.generation",
-    "PreferenceModule": "lightning_sr.modules.preference",
-}
+from lightning_sr._lazy import lazy_names
 
+__version__ = "0.2.0"
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+if TYPE_CHECKING:
+    from lightning_sr.chat import Prompt
+    from lightning_sr.modules.generation import SpeculativeRejectionModule
+    from lightning_sr.modules.preference import PreferenceModule
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lightning_sr' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_names(
+    __name__,
+    {
+        "SpeculativeRejectionModule": "lightning_sr.modules.generation",
+        "PreferenceModule": "lightning_sr.modules.preference",
+        "Prompt": "lightning_sr.chat",
+    },
+)
+__all__ = ["SpeculativeRejectionModule", "PreferenceModule", "Prompt", "__version__"]
 
-
-__all__ = ["SpeculativeRejectionModule", "PreferenceModule", "__version__"]
+# Our messages (resuming, skipped prompts, merges) show at INFO, as Lightning's own do, unless the
+# program configured logging itself.
+_logger = logging.getLogger(__name__)
+_logger.setLevel(logging.INFO)
+if not logging.getLogger().hasHandlers():
+    _logger.addHandler(logging.StreamHandler())
+    _logger.propagate = False

@@ -8,6 +8,7 @@ object that is already loaded (returned as it is). Loading is quiet: transformer
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,7 +108,10 @@ def load_weights(source: Any, **kwargs) -> Mapping[str, torch.Tensor]:
 
         return load_file(str(_existing(path)))
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        state = torch.load(_existing(path), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(_existing(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(f"{path} holds Python objects, not only tensors: save a state_dict() instead") from None
         state = state.get("state_dict", state) if isinstance(state, Mapping) else state
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{path} holds no state dict of tensors (a Lightning .ckpt or a torch.save of one)")

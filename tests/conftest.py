@@ -1,3 +1,4 @@
+import importlib
 import sys
 from pathlib import Path
 
@@ -5,7 +6,39 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # user_callbacks.py, importable by class path
 
+from lightning_sr.lightning_packages import PACKAGE_ENV, PACKAGES  # noqa: E402
 from lightning_sr.testing import make_tokenizer, tiny_llama, tiny_reward_model  # noqa: E402
+
+
+class LightningPackage:
+    """One Lightning package under test: ``L.Trainer``, ``L.sub("cli").LightningCLI``, ..."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.module = importlib.import_module(PACKAGES[name])
+
+    def __getattr__(self, attr):
+        return getattr(self.module, attr)
+
+    def sub(self, path: str):
+        return importlib.import_module(f"{self.module.__name__}.{path}")
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@pytest.fixture(autouse=True)
+def _one_lightning_package(monkeypatch):
+    """Both packages are imported in this process: our classes follow ``lightning`` unless a test
+    asks for the ``L`` matrix below."""
+    monkeypatch.setenv(PACKAGE_ENV, "lightning")
+
+
+@pytest.fixture(params=list(PACKAGES))
+def L(request, monkeypatch):
+    """Run the test once with ``lightning.pytorch`` and once with ``pytorch_lightning``."""
+    monkeypatch.setenv(PACKAGE_ENV, request.param)
+    return LightningPackage(request.param)
 
 
 @pytest.fixture

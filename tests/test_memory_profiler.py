@@ -9,25 +9,22 @@ import types
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import yaml
-from pytorch_lightning.callbacks import Callback, DeviceStatsMonitor, ModelCheckpoint
-from pytorch_lightning.cli import LightningCLI
-from pytorch_lightning.demos.boring_classes import BoringModel
-from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 import lightning_sr.callbacks.memory as memory
-from lightning_sr.callbacks import GPUMemoryProfiler
+from lightning_sr.callbacks import config_path
+from lightning_sr.callbacks.memory import GPUMemoryProfiler
 from lightning_sr.generation.results import StepEvent
+from lightning_sr.lightning_packages import LightningModule
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
 
 
-class RecordingLogger(CSVLogger):
-    """A CSVLogger that also keeps every (metrics, step) it was given."""
+class Recording:
+    """Keeps every (metrics, step) a logger was given."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -35,10 +32,20 @@ class RecordingLogger(CSVLogger):
 
     def log_metrics(self, metrics, step=None):
         self.logged.append((dict(metrics), step))
-        super().log_metrics(metrics, step)
+        if hasattr(super(), "log_metrics"):
+            super().log_metrics(metrics, step)
 
     def keys(self) -> set[str]:
         return {k for metrics, _ in self.logged for k in metrics}
+
+
+def recording_logger(L, path):
+    """A CSVLogger of package ``L`` that also keeps every (metrics, step) it was given."""
+    return type("RecordingLogger", (Recording, L.sub("loggers").CSVLogger), {})(path)
+
+
+def boring(L):
+    return L.sub("demos.boring_classes").BoringModel
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -71,13 +78,13 @@ def trainer_kwargs(tmp_path, **overrides):
 # ------------------------------------------------------------------------------- CPU end to end
 
 
-def test_fit_writes_rows_per_batch_png_and_logs(tmp_path, monkeypatch):
+def test_fit_writes_rows_per_batch_png_and_logs(L, tmp_path, monkeypatch):
     said = []
     monkeypatch.setattr(memory, "rank_zero_info", said.append)
-    logger = RecordingLogger(tmp_path)
+    logger = recording_logger(L, tmp_path)
     profiler = GPUMemoryProfiler()
-    trainer = pl.Trainer(callbacks=[profiler], logger=logger, **trainer_kwargs(tmp_path))
-    trainer.fit(BoringModel())
+    trainer = L.Trainer(callbacks=[profiler], logger=logger, **trainer_kwargs(tmp_path))
+    trainer.fit(boring(L)())
 
     out = Path(logger.log_dir)  # default dirpath: the logger's log directory
     rows = read_csv(out / "memory_fit.csv")
@@ -106,15 +113,15 @@ def test_fit_writes_rows_per_batch_png_and_logs(tmp_path, monkeypatch):
     assert "memory/train/rss_bytes" in header
 
     # The CPU fallback is announced once, even across stages.
-    trainer.validate(BoringModel(), verbose=False)
+    trainer.validate(boring(L)(), verbose=False)
     assert len([m for m in said if "recording process RSS" in m]) == 1
 
 
-def test_predict_every_n_steps_logs_through_loggers(tmp_path):
-    logger = RecordingLogger(tmp_path)
+def test_predict_every_n_steps_logs_through_loggers(L, tmp_path):
+    logger = recording_logger(L, tmp_path)
     profiler = GPUMemoryProfiler(every_n_steps=2, dirpath=tmp_path / "mem")
-    trainer = pl.Trainer(callbacks=[profiler], logger=logger, **trainer_kwargs(tmp_path))
-    model = BoringModel()
+    trainer = L.Trainer(callbacks=[profiler], logger=logger, **trainer_kwargs(tmp_path))
+    model = boring(L)()
     trainer.predict(
         model,
         dataloaders=DataLoader(model.val_dataloader().dataset, batch_size=2),
@@ -131,32 +138,32 @@ def test_predict_every_n_steps_logs_through_loggers(tmp_path):
 
 
 @pytest.mark.parametrize("stage", ["validate", "test"])
-def test_validate_and_test_stages(tmp_path, stage):
+def test_validate_and_test_stages(L, tmp_path, stage):
     profiler = GPUMemoryProfiler(dirpath=tmp_path)
-    trainer = pl.Trainer(
+    trainer = L.Trainer(
         callbacks=[profiler], logger=False, **trainer_kwargs(tmp_path, limit_test_batches=3)
     )
-    getattr(trainer, stage)(BoringModel(), verbose=False)
+    getattr(trainer, stage)(boring(L)(), verbose=False)
     rows = read_csv(tmp_path / f"memory_{stage}.csv")
     assert len(rows) == (2 if stage == "validate" else 3)
     assert {r["stage"] for r in rows} == {stage}
     assert_matplotlib_png(tmp_path / f"memory_{stage}.png")
 
 
-def test_default_dirpath_without_logger_is_root_dir(tmp_path):
-    trainer = pl.Trainer(callbacks=[GPUMemoryProfiler()], logger=False, **trainer_kwargs(tmp_path))
-    trainer.fit(BoringModel())
+def test_default_dirpath_without_logger_is_root_dir(L, tmp_path):
+    trainer = L.Trainer(callbacks=[GPUMemoryProfiler()], logger=False, **trainer_kwargs(tmp_path))
+    trainer.fit(boring(L)())
     assert len(read_csv(tmp_path / "memory_fit.csv")) == 6
 
 
-def test_exception_keeps_rows_and_propagates(tmp_path):
-    class Failing(BoringModel):
+def test_exception_keeps_rows_and_propagates(L, tmp_path):
+    class Failing(boring(L)):
         def training_step(self, batch, batch_idx):
             if batch_idx == 2:
                 raise RuntimeError("boom at batch 2")
             return super().training_step(batch, batch_idx)
 
-    trainer = pl.Trainer(
+    trainer = L.Trainer(
         callbacks=[GPUMemoryProfiler(dirpath=tmp_path)], logger=False, **trainer_kwargs(tmp_path)
     )
     with pytest.raises(RuntimeError, match="boom at batch 2"):
@@ -165,22 +172,22 @@ def test_exception_keeps_rows_and_propagates(tmp_path):
     assert [r["batch_idx"] for r in rows] == ["0", "1"]
 
 
-def test_without_matplotlib_writes_csv_and_says_plot_skipped(tmp_path, monkeypatch):
+def test_without_matplotlib_writes_csv_and_says_plot_skipped(L, tmp_path, monkeypatch):
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.ticker"):
         monkeypatch.setitem(
             sys.modules, name, None
         )  # `import matplotlib...` now raises ImportError
     monkeypatch.delitem(sys.modules, "lightning_sr.callbacks.memory_plots", raising=False)
-    trainer = pl.Trainer(
+    trainer = L.Trainer(
         callbacks=[GPUMemoryProfiler(dirpath=tmp_path)], logger=False, **trainer_kwargs(tmp_path)
     )
     with pytest.warns(UserWarning, match="plot skipped"):
-        trainer.fit(BoringModel())
+        trainer.fit(boring(L)())
     assert len(read_csv(tmp_path / "memory_fit.csv")) == 6
     assert not (tmp_path / "memory_fit.png").exists()
 
 
-def test_snapshot_on_cpu_warns_once_and_does_nothing(tmp_path, monkeypatch):
+def test_snapshot_on_cpu_warns_once_and_does_nothing(L, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(
         torch.cuda.memory, "_record_memory_history", lambda *a, **k: calls.append(("record", a, k))
@@ -189,10 +196,10 @@ def test_snapshot_on_cpu_warns_once_and_does_nothing(tmp_path, monkeypatch):
         torch.cuda.memory, "_dump_snapshot", lambda *a, **k: calls.append(("dump", a, k))
     )
     profiler = GPUMemoryProfiler(dirpath=tmp_path, snapshot=True)
-    trainer = pl.Trainer(callbacks=[profiler], logger=False, **trainer_kwargs(tmp_path))
+    trainer = L.Trainer(callbacks=[profiler], logger=False, **trainer_kwargs(tmp_path))
     with pytest.warns(UserWarning, match="needs a CUDA device") as record:
-        trainer.fit(BoringModel())
-        trainer.validate(BoringModel(), verbose=False)
+        trainer.fit(boring(L)())
+        trainer.validate(boring(L)(), verbose=False)
     assert len([w for w in record if "needs a CUDA device" in str(w.message)]) == 1
     assert calls == []
     assert not list(tmp_path.glob("*.pickle"))
@@ -201,8 +208,8 @@ def test_snapshot_on_cpu_warns_once_and_does_nothing(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------- composition
 
 
-def test_runs_with_device_stats_checkpoint_user_callback_and_a_second_instance(tmp_path):
-    class CountBatches(Callback):
+def test_runs_with_device_stats_checkpoint_user_callback_and_a_second_instance(L, tmp_path):
+    class CountBatches(L.Callback):
         def __init__(self):
             self.batches = 0
 
@@ -215,18 +222,18 @@ def test_runs_with_device_stats_checkpoint_user_callback_and_a_second_instance(t
     assert every.state_key != every_other.state_key
     assert GPUMemoryProfiler(dirpath="x").state_key != GPUMemoryProfiler(dirpath="y").state_key
     counter = CountBatches()
-    logger = RecordingLogger(tmp_path)
+    logger = recording_logger(L, tmp_path)
     callbacks = [
-        DeviceStatsMonitor(),
-        ModelCheckpoint(dirpath=tmp_path / "ckpt"),
+        L.sub("callbacks").DeviceStatsMonitor(),
+        L.sub("callbacks").ModelCheckpoint(dirpath=tmp_path / "ckpt"),
         every,
         every_other,
         counter,
     ]
-    trainer = pl.Trainer(
+    trainer = L.Trainer(
         callbacks=callbacks, logger=logger, **trainer_kwargs(tmp_path, enable_checkpointing=True)
     )
-    trainer.fit(BoringModel())
+    trainer.fit(boring(L)())
 
     assert counter.batches == 4
     assert len(list((tmp_path / "ckpt").glob("*.ckpt"))) == 1
@@ -237,22 +244,58 @@ def test_runs_with_device_stats_checkpoint_user_callback_and_a_second_instance(t
     assert any(k.startswith("DeviceStatsMonitor") for k in keys)
 
 
-def test_callbacks_yaml_appends_the_profiler_to_a_cli_run(tmp_path):
-    entries = yaml.safe_load((REPO / "callbacks" / "memory.yaml").read_text())
+@pytest.mark.parametrize("spelling", ["repo file", "packaged file", "class path", "short name"])
+def test_a_projects_own_cli_appends_the_profiler(L, tmp_path, spelling):
+    entries = yaml.safe_load(config_path("memory").read_text())
     assert [e["class_path"] for e in entries] == ["lightning_sr.callbacks.GPUMemoryProfiler"]
-    cli = LightningCLI(
-        BoringModel,
+    assert (REPO / "callbacks" / "memory.yaml").read_text() == config_path("memory").read_text()
+    added = {
+        "repo file": f"--trainer.callbacks+={REPO / 'callbacks' / 'memory.yaml'}",
+        "packaged file": f"--trainer.callbacks+={config_path('memory')}",
+        "class path": "--trainer.callbacks+=lightning_sr.callbacks.GPUMemoryProfiler",
+        "short name": "--trainer.callbacks+=GPUMemoryProfiler",
+    }[spelling]
+    if spelling == "short name":
+        import lightning_sr.lightning_packages as packages
+
+        packages.for_package(GPUMemoryProfiler, L.name)  # a short name needs the class imported
+    cli = L.sub("cli").LightningCLI(
+        boring(L),
         run=False,
         save_config_callback=None,
-        args=[
-            "--trainer.callbacks+=ModelCheckpoint",
-            f"--trainer.callbacks+={REPO / 'callbacks' / 'memory.yaml'}",
-            f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.logger=false",
-        ],
+        args=["--trainer.callbacks+=ModelCheckpoint", added,
+              f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"],
     )
-    kinds = [type(cb) for cb in cli.trainer.callbacks]
-    assert GPUMemoryProfiler in kinds and ModelCheckpoint in kinds
+    profilers = [cb for cb in cli.trainer.callbacks if isinstance(cb, GPUMemoryProfiler)]
+    assert len(profilers) == 1 and isinstance(profilers[0], L.Callback)
+    assert any(isinstance(cb, L.sub("callbacks").ModelCheckpoint) for cb in cli.trainer.callbacks)
+
+
+def test_fast_dev_run_writes_under_default_root_dir(L, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "root"
+    trainer = L.Trainer(callbacks=[GPUMemoryProfiler()], fast_dev_run=2, default_root_dir=root,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(boring(L)())
+    assert len(read_csv(root / "memory_fit.csv")) == 4  # 2 train + 2 validation batches
+    assert not list(tmp_path.glob("memory_*"))
+
+
+def test_two_named_profilers_have_their_own_keys_and_files_and_a_clash_warns(L, tmp_path):
+    logger = recording_logger(L, tmp_path)
+    fast, slow = GPUMemoryProfiler(name="fast", plot=False), GPUMemoryProfiler(every_n_steps=2, name="slow", plot=False)
+    assert fast.state_key != slow.state_key
+    trainer = L.Trainer(callbacks=[fast, slow], logger=logger, **trainer_kwargs(tmp_path))
+    trainer.fit(boring(L)())
+    out = Path(logger.log_dir)
+    assert len(read_csv(out / "memory_fast_fit.csv")) == 6 and len(read_csv(out / "memory_slow_fit.csv")) == 3
+    keys = logger.keys()
+    assert {"memory/fast/train/rss_bytes", "memory/slow/train/rss_bytes"} <= keys
+    assert not any(key.startswith("memory/train") for key in keys)
+    clash = L.Trainer(callbacks=[GPUMemoryProfiler(dirpath=tmp_path), GPUMemoryProfiler(2, dirpath=tmp_path)],
+                      logger=False, **trainer_kwargs(tmp_path))
+    with pytest.warns(UserWarning, match="two profilers write memory_\\* files"):
+        clash.fit(boring(L)())
 
 
 # ------------------------------------------------------------------------------- generation view
@@ -282,7 +325,7 @@ def decoding_events(
     return events
 
 
-class SyntheticGeneration(pl.LightningModule):
+class SyntheticGeneration(LightningModule):
     """predict_step calls the generation hooks on trainer.callbacks, as SpeculativeRejectionModule does."""
 
     def __init__(self, schedules: list[list[StepEvent]]):
@@ -301,13 +344,13 @@ class SyntheticGeneration(pl.LightningModule):
         return batch_idx
 
 
-def test_generation_view_records_each_decoding_step_and_rejections(tmp_path):
+def test_generation_view_records_each_decoding_step_and_rejections(L, tmp_path):
     schedules = [
         decoding_events(rows=8, steps=12, rejections={4: 4, 8: 2}),
         decoding_events(rows=6, steps=9, rejections={3: 3}),
     ]
-    logger = RecordingLogger(tmp_path)
-    trainer = pl.Trainer(
+    logger = recording_logger(L, tmp_path)
+    trainer = L.Trainer(
         callbacks=[GPUMemoryProfiler(dirpath=tmp_path)], logger=logger, **trainer_kwargs(tmp_path)
     )
     trainer.predict(SyntheticGeneration(schedules), dataloaders=DataLoader(range(2), batch_size=1))
@@ -334,9 +377,9 @@ def test_generation_view_records_each_decoding_step_and_rejections(tmp_path):
     assert len(read_csv(tmp_path / "memory_predict.csv")) == 2
 
 
-def test_generation_view_follows_every_n_steps(tmp_path):
+def test_generation_view_follows_every_n_steps(L, tmp_path):
     schedules = [decoding_events(4, 3, {2: 2}) for _ in range(3)]
-    trainer = pl.Trainer(
+    trainer = L.Trainer(
         callbacks=[GPUMemoryProfiler(every_n_steps=2, dirpath=tmp_path, plot=False)],
         logger=False,
         **trainer_kwargs(tmp_path),
@@ -434,8 +477,10 @@ def fake_cuda(monkeypatch):
 
 
 def fake_trainer(tmp_path, device="cuda", world_size=1, global_rank=0, stepped=7):
-    logger = RecordingLogger(tmp_path)
+    logger = Recording()
     return types.SimpleNamespace(
+        callbacks=[],
+        default_root_dir=str(tmp_path),
         strategy=types.SimpleNamespace(
             root_device=torch.device(device, 0) if device == "cuda" else torch.device(device)
         ),
@@ -543,26 +588,26 @@ def test_snapshot_failure_warns_and_keeps_the_csv(tmp_path, fake_cuda, monkeypat
     )  # recording stopped all the same
 
 
-def test_oom_dumps_snapshot_and_rows_before_the_error_propagates(tmp_path, fake_cuda, monkeypatch):
+def test_oom_dumps_snapshot_and_rows_before_the_error_propagates(L, tmp_path, fake_cuda, monkeypatch):
     """A real Trainer on CPU, with the profiler told the root device is cuda:0 (all CUDA calls faked)."""
     monkeypatch.setattr(memory, "_root_device", lambda trainer: torch.device("cuda", 0))
     seen_when_raised = {}
 
-    class OOMAtBatch2(BoringModel):
+    class OOMAtBatch2(boring(L)):
         def training_step(self, batch, batch_idx):
             fake_cuda.allocator.alloc(10)
             if batch_idx == 2:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return super().training_step(batch, batch_idx)
 
-    class SeeOnException(Callback):  # runs after the profiler's on_exception
+    class SeeOnException(L.Callback):  # runs after the profiler's on_exception
         def on_exception(self, trainer, pl_module, exception):
             seen_when_raised["pickles"] = sorted(p.name for p in tmp_path.glob("*.pickle"))
 
     profiler = GPUMemoryProfiler(
         dirpath=tmp_path, plot=False, snapshot=True, snapshot_max_entries=50
     )
-    trainer = pl.Trainer(
+    trainer = L.Trainer(
         callbacks=[profiler, SeeOnException()], logger=False, **trainer_kwargs(tmp_path)
     )
     with pytest.raises(torch.OutOfMemoryError):

@@ -1,18 +1,19 @@
-"""OnDARE / OnTIES under Lightning on CPU: closure, precisions, clipping, resume, DDP, the callback."""
+"""OnDARE / OnTIES under Lightning on CPU: closure, precisions, clipping, resume, DDP, the callback.
 
-import sys
+Every scenario runs under both Lightning packages (the ``L`` fixture).
+"""
+
 from functools import partial
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.cli import LightningCLI, OptimizerCallable
-from pytorch_lightning.plugins.precision import MixedPrecision
 from lightning_sr.testing import make_tokenizer, save_tiny_generator, tiny_llama
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from lightning_sr.callbacks import OnlineMerging
+from lightning_sr.callbacks.merging import OnlineMerging
+from lightning_sr.lightning_packages import LightningModule
 from lightning_sr.optim import OnDARE, OnTIES
 
 VOCAB = len(make_tokenizer())
@@ -40,12 +41,12 @@ class RecordingOnDARE(OnDARE):
         return torch.linalg.vector_norm(norms).item()
 
 
-class PolicyModule(pl.LightningModule):
+class PolicyModule(LightningModule):
     """A LightningModule holding a tiny HF Llama as ``self.policy`` (names ``policy.model...``)."""
 
-    def __init__(self, optimizer=partial(OnDARE, lr=1e-2, keep_rate=0.3, merge_weight=0.05), out_dir=None):
+    def __init__(self, optimizer=partial(OnDARE, lr=1e-2, keep_rate=0.3, merge_weight=0.05), out_dir=None, seed=0):
         super().__init__()
-        self.policy = tiny_llama(seed=0).train()
+        self.policy = tiny_llama(seed=seed).train()
         self.optimizer = optimizer
         self.out_dir = out_dir
 
@@ -72,10 +73,10 @@ class PolicyModule(pl.LightningModule):
             )
 
 
-def trainer(tmp_path, base, **kwargs):
+def trainer(L, tmp_path, base, **kwargs):
     kwargs.setdefault("max_steps", 4)
     kwargs.setdefault("devices", 1)
-    return pl.Trainer(
+    return L.Trainer(
         default_root_dir=tmp_path,
         accelerator="cpu",
         logger=False,
@@ -88,10 +89,10 @@ def trainer(tmp_path, base, **kwargs):
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_closure_is_called_and_training_moves_the_policy(tmp_path, precision):
+def test_closure_is_called_and_training_moves_the_policy(L, tmp_path, precision):
     model = PolicyModule(optimizer=partial(RecordingOnDARE, lr=1e-2, keep_rate=0.3, merge_weight=0.05))
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    t = trainer(tmp_path, tiny_llama(seed=1), precision=precision)
+    t = trainer(L, tmp_path, tiny_llama(seed=1), precision=precision)
     t.fit(model)
     optimizer = t.optimizers[0]
     assert optimizer.closures == [True] * 4
@@ -102,12 +103,12 @@ def test_closure_is_called_and_training_moves_the_policy(tmp_path, precision):
     assert all(p.dtype == torch.float32 for p in model.parameters())  # Lightning keeps fp32 params
 
 
-def test_16_mixed_with_grad_scaler_steps_without_closure(tmp_path):
+def test_16_mixed_with_grad_scaler_steps_without_closure(L, tmp_path):
     """Lightning turns '16-mixed' into bf16 on CPU unless given the plugin with a GradScaler."""
     model = PolicyModule(optimizer=partial(RecordingOnDARE, lr=1e-2, keep_rate=0.3, merge_weight=0.05))
     start = model.policy.lm_head.weight.detach().clone()
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
-    t = trainer(tmp_path, tiny_llama(seed=1), plugins=[plugin])
+    plugin = L.sub("plugins.precision").MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+    t = trainer(L, tmp_path, tiny_llama(seed=1), plugins=[plugin])
     t.fit(model)
     optimizer = t.optimizers[0]
     assert optimizer.closures == [False] * len(optimizer.closures) and optimizer.closures
@@ -115,18 +116,36 @@ def test_16_mixed_with_grad_scaler_steps_without_closure(tmp_path):
     assert optimizer.state[model.policy.lm_head.weight]["step"] == len(optimizer.closures)
 
 
-def test_gradient_clipping_reaches_the_optimizer(tmp_path):
+def test_gradient_clipping_reaches_the_optimizer(L, tmp_path):
     model = PolicyModule(optimizer=partial(RecordingOnDARE, lr=1e-2, keep_rate=0.3, merge_weight=0.05))
-    t = trainer(tmp_path, tiny_llama(seed=1), gradient_clip_val=1e-3, gradient_clip_algorithm="norm")
+    t = trainer(L, tmp_path, tiny_llama(seed=1), gradient_clip_val=1e-3, gradient_clip_algorithm="norm")
     t.fit(model)
     norms = t.optimizers[0].grad_norms
     assert len(norms) == 4 and all(n <= 1e-3 * (1 + 1e-4) for n in norms)
 
 
-def test_base_given_as_a_local_folder(tmp_path):
-    folder = save_tiny_generator(tmp_path / "base", seed=1)
+def base_in(form, L, tmp_path):
+    """The tiny base model (seed 1) in each form ``OnlineMerging(base_model=...)`` accepts."""
+    if form == "folder":
+        return str(save_tiny_generator(tmp_path / "base", seed=1))
+    state = tiny_llama(seed=1).state_dict()
+    if form == ".safetensors":
+        save_file({k: v.clone().contiguous() for k, v in state.items()}, tmp_path / "base.safetensors")
+        return str(tmp_path / "base.safetensors")
+    if form == ".pt":
+        torch.save(state, tmp_path / "base.pt")
+        return str(tmp_path / "base.pt")
+    # a Lightning checkpoint of the same LightningModule class, holding the base as its policy
+    t = trainer(L, tmp_path / "ckpt", tiny_llama(seed=1), max_steps=0)
+    t.fit(PolicyModule(seed=1))
+    t.save_checkpoint(tmp_path / "base.ckpt")
+    return str(tmp_path / "base.ckpt")
+
+
+@pytest.mark.parametrize("form", ["folder", ".safetensors", ".pt", ".ckpt"])
+def test_base_given_as_a_folder_or_a_weights_file(L, tmp_path, form):
     model = PolicyModule()
-    t = trainer(tmp_path, str(folder), max_steps=1)
+    t = trainer(L, tmp_path, base_in(form, L, tmp_path), max_steps=1)
     t.fit(model)
     base = tiny_llama(seed=1)
     state = t.optimizers[0].state[model.policy.lm_head.weight]
@@ -136,15 +155,15 @@ def test_base_given_as_a_local_folder(tmp_path):
     torch.testing.assert_close(state["tau_val"], tau)
 
 
-def test_no_online_merging_optimizer_only_warns(tmp_path):
+def test_no_online_merging_optimizer_only_warns(L, tmp_path):
     model = PolicyModule(optimizer=partial(torch.optim.AdamW, lr=1e-3))
     with pytest.warns(UserWarning, match="no OnDARE / OnTIES optimizer"):
-        trainer(tmp_path, tiny_llama(seed=1), max_steps=1).fit(model)
+        trainer(L, tmp_path, tiny_llama(seed=1), max_steps=1).fit(model)
 
 
-def test_nothing_matching_stops_fit_with_a_clear_error(tmp_path):
+def test_nothing_matching_stops_fit_with_a_clear_error(L, tmp_path):
     with pytest.raises(ValueError, match="no parameter name matches"):
-        trainer(tmp_path, {"encoder.block.0.weight": torch.zeros(2)}, max_steps=1).fit(PolicyModule())
+        trainer(L, tmp_path, {"encoder.block.0.weight": torch.zeros(2)}, max_steps=1).fit(PolicyModule())
 
 
 @pytest.mark.parametrize(
@@ -155,18 +174,18 @@ def test_nothing_matching_stops_fit_with_a_clear_error(tmp_path):
     ],
     ids=["OnDARE", "OnTIES-K3"],
 )
-def test_checkpoint_at_k_and_resume_equals_uninterrupted_run(tmp_path, optimizer):
+def test_checkpoint_at_k_and_resume_equals_uninterrupted_run(L, tmp_path, optimizer):
     k, base = 4, tiny_llama(seed=1)  # with merge_every=3 the checkpoint falls mid-cycle
     full = PolicyModule(optimizer=optimizer)
-    trainer(tmp_path / "full", base, max_steps=2 * k).fit(full)
+    trainer(L, tmp_path / "full", base, max_steps=2 * k).fit(full)
 
     first = PolicyModule(optimizer=optimizer)
-    t1 = trainer(tmp_path / "first", base, max_steps=k)
+    t1 = trainer(L, tmp_path / "first", base, max_steps=k)
     t1.fit(first)
     ckpt = tmp_path / "k.ckpt"
     t1.save_checkpoint(ckpt)
     resumed = PolicyModule(optimizer=optimizer)
-    t2 = trainer(tmp_path / "second", base, max_steps=2 * k)
+    t2 = trainer(L, tmp_path / "second", base, max_steps=2 * k)
     t2.fit(resumed, ckpt_path=ckpt)
     assert t2.global_step == 2 * k
     for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
@@ -174,53 +193,12 @@ def test_checkpoint_at_k_and_resume_equals_uninterrupted_run(tmp_path, optimizer
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_end_with_identical_parameters(tmp_path):
+def test_ddp_two_processes_end_with_identical_parameters(L, tmp_path):
     model = PolicyModule(out_dir=str(tmp_path))
-    t = trainer(tmp_path, tiny_llama(seed=1), devices=2, strategy="ddp_spawn", max_steps=3)
+    t = trainer(L, tmp_path, tiny_llama(seed=1), devices=2, strategy="ddp_spawn", max_steps=3)
     t.fit(model)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     start = tiny_llama(seed=0)
     assert not torch.equal(rank0["policy.lm_head.weight"], start.lm_head.weight)
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
-
-
-class CLIPolicyModule(PolicyModule):
-    """PolicyModule with the optimizer typed the LightningCLI way (``OptimizerCallable``)."""
-
-    def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW):
-        super().__init__(optimizer=optimizer)
-
-
-def test_yaml_usage_optimizer_class_path_and_callback_list(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["lightning-sr"])  # only the args below
-    folder = save_tiny_generator(tmp_path / "base", seed=1)
-    config = tmp_path / "run.yaml"
-    config.write_text(
-        "model:\n"
-        "  optimizer:\n"
-        "    class_path: lightning_sr.optim.OnDARE\n"
-        "    init_args: {lr: 1.0e-3, keep_rate: 0.5, merge_weight: 1.0e-2}\n"
-        "trainer: {max_steps: 2, accelerator: cpu, logger: false, enable_checkpointing: false,"
-        " enable_progress_bar: false, enable_model_summary: false}\n"
-    )
-    callbacks_yaml = Path(__file__).parents[1] / "callbacks" / "online_merging.yaml"
-    cli = LightningCLI(
-        CLIPolicyModule,
-        run=False,
-        auto_configure_optimizers=False,
-        save_config_callback=None,
-        seed_everything_default=False,
-        args=[
-            f"--config={config}",
-            f"--trainer.callbacks+={callbacks_yaml}",
-            f"--trainer.callbacks.base_model={folder}",
-            f"--trainer.default_root_dir={tmp_path}",
-        ],
-    )
-    callback = next(c for c in cli.trainer.callbacks if isinstance(c, OnlineMerging))
-    assert callback.base_model == str(folder)
-    cli.trainer.fit(cli.model)
-    optimizer = cli.trainer.optimizers[0]
-    assert isinstance(optimizer, OnDARE) and optimizer.defaults["keep_rate"] == 0.5
-    assert callback.reports[0].matched and optimizer.state[cli.model.policy.lm_head.weight]["step"] == 2

@@ -1,5 +1,9 @@
-"""Speculative rejection in Lightning: the module, prompt data, the JSONL writer and the CLI."""
+"""Speculative rejection in Lightning: the module, prompt data, the JSONL writer and the CLI.
 
+Every Trainer and CLI scenario runs under both Lightning packages (the ``L`` fixture).
+"""
+
+import csv
 import json
 import logging
 import os
@@ -8,16 +12,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
+from torch.utils.data import DataLoader
 from lightning_sr.testing import make_tokenizer, save_tiny_generator, save_tiny_reward, tiny_llama
-from user_callbacks import FailAtBatch, RecordingCallback
+from user_callbacks import _FailAtBatch as FailAtBatch
+from user_callbacks import _RecordingCallback as RecordingCallback
 
-from lightning_sr import SpeculativeRejectionModule
-from lightning_sr.callbacks import JSONLPredictionWriter
+from lightning_sr.callbacks.memory import GPUMemoryProfiler
+from lightning_sr.callbacks.predictions import JSONLPredictionWriter
 from lightning_sr.cli import main
-from lightning_sr.data import PromptDataModule
-from lightning_sr.data.prompts import read_prompts
+from lightning_sr.data.prompts import PromptDataModule, read_prompts
 from lightning_sr.generation import FixedSchedule, SamplingParams
+from lightning_sr.modules.generation import SpeculativeRejectionModule
 from lightning_sr.rewards import FunctionReward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,11 +68,22 @@ def read_lines(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def predict(L, module, datamodule, *callbacks, **kwargs):
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=list(callbacks), **kwargs)
+    return trainer.predict(module, datamodule=datamodule, return_predictions=False)
+
+
+def small_module(models, **kwargs):
+    options = dict(n=4, schedule=FixedSchedule([4]), sampling=SamplingParams(max_new_tokens=8))
+    return SpeculativeRejectionModule(*models, **{**options, **kwargs})
+
+
 @pytest.mark.parametrize("config, method", [("predict_sr.yaml", "speculative_rejection"), ("predict_bon.yaml", "best_of_n")])
-def test_cli_predict_writes_one_line_per_prompt(tmp_path, monkeypatch, models, prompt_file, config, method):
+def test_cli_predict_writes_one_line_per_prompt(L, tmp_path, monkeypatch, models, prompt_file, config, method):
     monkeypatch.chdir(tmp_path)
     output = tmp_path / "out" / "predictions.jsonl"
     cli = main(cli_args(config, models, prompt_file, writer_file(tmp_path, output)))
+    assert isinstance(cli.model, L.LightningModule) and isinstance(cli.trainer, L.Trainer)
     assert cli.model.method == method
     records = read_lines(output)
     assert sorted(r["id"] for r in records) == sorted(f"p{i}" for i in range(len(PROMPTS)))
@@ -81,52 +97,62 @@ def test_cli_predict_writes_one_line_per_prompt(tmp_path, monkeypatch, models, p
     assert records[2]["prompt"][0] == {"role": "system", "content": "be kind"}
 
 
-def test_interrupted_run_resumes_to_every_prompt_exactly_once(tmp_path, models, prompt_file):
-    generator, reward = models
+def test_interrupted_run_resumes_to_what_an_uninterrupted_run_writes(L, tmp_path, models, prompt_file):
+    def run(output, *callbacks):
+        datamodule = PromptDataModule(str(prompt_file), batch_size=2, completed=str(output))
+        predict(L, small_module(models), datamodule, JSONLPredictionWriter(str(output)), *callbacks)
+
+    reference = tmp_path / "uninterrupted.jsonl"
+    run(reference)
     output = tmp_path / "predictions.jsonl"
-
-    def run(*callbacks):
-        module = SpeculativeRejectionModule(
-            generator, reward, n=4, schedule=FixedSchedule([4]), sampling=SamplingParams(max_new_tokens=8)
-        )
-        trainer = pl.Trainer(
-            accelerator="cpu", logger=False, enable_progress_bar=False,
-            callbacks=[JSONLPredictionWriter(str(output)), *callbacks],
-        )
-        trainer.predict(module, datamodule=PromptDataModule(str(prompt_file), batch_size=2), return_predictions=False)
-
     with pytest.raises(RuntimeError, match="simulated crash at batch 2"):
-        run(FailAtBatch(2))
+        run(output, FailAtBatch(2))
     assert [r["id"] for r in read_lines(output)] == ["p0", "p1", "p2", "p3"]
     with open(output, "a") as file:  # a run killed in the middle of a write
         file.write('{"id": "p4", "resp')
     seen = tmp_path / "seen.json"
-    run(RecordingCallback(str(seen)))
-    assert [r["id"] for r in read_lines(output)] == [f"p{i}" for i in range(len(PROMPTS))]
+    run(output, RecordingCallback(str(seen)))
+    assert read_lines(output) == [
+        {**record, "stats": {**record["stats"], **_seconds(r)}}
+        for record, r in zip(read_lines(reference), read_lines(output))
+    ]
     assert json.loads(seen.read_text())["results"] == len(PROMPTS) - 4  # only the rest was generated
 
 
-def test_resume_false_keeps_the_old_output(tmp_path, models, prompt_file):
-    generator, reward = models
+def _seconds(record):
+    """The wall-clock fields, which two runs never share."""
+    return {key: record["stats"][key] for key in ("generation_seconds", "reward_seconds")}
+
+
+def test_nothing_left_to_do_is_said(L, tmp_path, models, prompt_file, caplog):
+    output = tmp_path / "predictions.jsonl"
+    for _ in range(2):
+        datamodule = PromptDataModule(str(prompt_file), batch_size=4, limit=4, completed=str(output))
+        with caplog.at_level(logging.INFO, logger="lightning_sr"):
+            predict(L, small_module(models), datamodule, JSONLPredictionWriter(str(output)))
+    assert "4 of 4 prompts are already in" in caplog.text and "nothing left to do" in caplog.text
+    assert len(read_lines(output)) == 4
+
+
+def test_resume_false_keeps_the_old_output(L, tmp_path, models, prompt_file, caplog):
     output = tmp_path / "predictions.jsonl"
     output.write_text('{"id": "old"}\n')
-    module = SpeculativeRejectionModule(generator, reward, method="best_of_n", n=2, sampling=SamplingParams(max_new_tokens=4))
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                         callbacks=[JSONLPredictionWriter(str(output), resume=False)])
-    with pytest.warns(UserWarning, match="was kept as"):
-        trainer.predict(module, datamodule=PromptDataModule(str(prompt_file), limit=2), return_predictions=False)
+    module = small_module(models, method="best_of_n", n=2, schedule=None)
+    with caplog.at_level(logging.WARNING, logger="lightning_sr"):
+        predict(L, module, PromptDataModule(str(prompt_file), limit=2), JSONLPredictionWriter(str(output), resume=False))
+    assert "was kept as" in caplog.text
     assert [r["id"] for r in read_lines(output)] == ["p0", "p1"]
     (backup,) = tmp_path.glob("predictions.jsonl.*.bak")
     assert backup.read_text() == '{"id": "old"}\n'
 
 
-def test_user_callback_from_a_yaml_file_runs_alongside_ours(tmp_path, monkeypatch, models, prompt_file):
+def test_user_callback_from_a_yaml_file_runs_alongside_ours(L, tmp_path, monkeypatch, models, prompt_file):
     monkeypatch.chdir(tmp_path)
     output, seen = tmp_path / "predictions.jsonl", tmp_path / "seen.json"
     user = tmp_path / "user_callbacks.yaml"
     user.write_text(f"- class_path: user_callbacks.RecordingCallback\n  init_args:\n    path: {seen}\n")
     main(cli_args("predict_sr.yaml", models, prompt_file, writer_file(tmp_path, output),
-                  f"--trainer.callbacks+={user}", "--model.schedule=lightning_sr.generation.FixedSchedule",
+                  f"--trainer.callbacks+={user}", "--model.schedule=FixedSchedule",
                   "--model.schedule.lengths=[4, 8]"))
     assert len(read_lines(output)) == len(PROMPTS)
     seen = json.loads(seen.read_text())
@@ -135,7 +161,7 @@ def test_user_callback_from_a_yaml_file_runs_alongside_ours(tmp_path, monkeypatc
     assert seen["steps"] >= 3 * 8
 
 
-def test_plain_python_predict_with_model_objects(caplog):
+def test_plain_python_predict_with_model_objects(L, caplog):
     tokenizer = make_tokenizer()
     module = SpeculativeRejectionModule(
         generator=tiny_llama(tokenizer), tokenizer=tokenizer,
@@ -143,20 +169,31 @@ def test_plain_python_predict_with_model_objects(caplog):
         n=4, alpha=0.5, schedule=FixedSchedule([3]), sampling=SamplingParams(max_new_tokens=6),
         return_candidates=True,
     )
-    prompts = [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS[:3])]
-    datamodule = PromptDataModule.__new__(PromptDataModule)
-    PromptDataModule.__init__(datamodule, path="unused", batch_size=2)
-    datamodule.prompts = prompts
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    assert isinstance(module, L.LightningModule)
+    batches = [[{"id": i, "prompt": p} for i, p in enumerate(PROMPTS[:2])], [{"id": 2, "prompt": PROMPTS[2]}]]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     with caplog.at_level(logging.INFO, logger="lightning_sr"):
-        batches = trainer.predict(module, datamodule=datamodule)
-    records = [record for batch in batches for record in batch]
+        outputs = trainer.predict(module, DataLoader(batches, batch_size=None))
+    records = [record for batch in outputs for record in batch]
     assert [r["id"] for r in records] == [0, 1, 2]
     for record in records:
         finals = [c["reward"] for c in record["candidates"] if c["final"]]
         assert record["reward"] == max(finals) and len(record["candidates"]) == 4
-    assert "decision 1 at 3 tokens" in caplog.text
+    assert "decision 1 at 3 tokens" in caplog.text  # no progress bar: decisions are logged
     assert not module.generator.training and not any(p.requires_grad for p in module.generator.parameters())
+
+
+def test_a_prompt_too_long_for_the_context_is_skipped_by_id(L, tmp_path, models, caplog):
+    prompts = tmp_path / "prompts.jsonl"
+    long_prompt = " ".join(["good"] * 300)  # the tiny generator's context is 256 tokens
+    prompts.write_text(
+        json.dumps({"id": "ok", "prompt": "thanks"}) + "\n" + json.dumps({"id": "long", "prompt": long_prompt}) + "\n"
+    )
+    output = tmp_path / "predictions.jsonl"
+    with caplog.at_level(logging.WARNING, logger="lightning_sr"):
+        predict(L, small_module(models), PromptDataModule(str(prompts)), JSONLPredictionWriter(str(output)))
+    assert [r["id"] for r in read_lines(output)] == ["ok"]
+    assert "Skipping prompt 'long' (line 2)" in caplog.text and "context holds 256" in caplog.text
 
 
 def test_models_load_lazily(models):
@@ -166,24 +203,40 @@ def test_models_load_lazily(models):
     assert module.generator is not None and module.reward.score(["a"], ["b"]).shape == (1,)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"n": 0}, "n must be a positive integer"), ({"alpha": 1.5}, r"alpha must be in \[0, 1\)"),
+     ({"method": "bon"}, "method must be one of"), ({"dtype": "float33"}, "dtype must be a torch dtype"),
+     ({"n": "auto", "method": "best_of_n"}, "give n for Best-of-N")],
+)
+def test_bad_options_fail_at_construction_before_any_model_loads(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SpeculativeRejectionModule("no/such/model", "no/such/reward", **kwargs)
+
+
 def test_prompt_files(tmp_path):
     text = tmp_path / "prompts.txt"
     text.write_text("first prompt\n\nsecond prompt\n")
-    assert read_prompts(text) == [{"id": 1, "prompt": "first prompt"}, {"id": 3, "prompt": "second prompt"}]
+    assert [(p["id"], p["prompt"], p["index"]) for p in read_prompts(text)] == [(1, "first prompt", 0), (3, "second prompt", 1)]
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"id": 1, "prompt": "ok"}\n{"id": 2, "prompt": \n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
-        read_prompts(bad)
-    bad.write_text('{"id": 1, "prompt": "ok"}\n{"id": 2, "text": "hi"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: no 'prompt' field"):
-        read_prompts(bad)
-    bad.write_text('{"id": 1, "prompt": "ok"}\n{"id": 1, "prompt": "again"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: id 1 already used on line 1"):
+    for lines, message in [
+        ('{"id": 1, "prompt": "ok"}\n{"id": 2, "prompt": \n', r"bad.jsonl:2: not valid JSON"),
+        ('{"id": 1, "prompt": "ok"}\n{"id": 2, "text": "hi"}\n', r"bad.jsonl:2: no 'prompt' field"),
+        ('{"id": 1, "prompt": "ok"}\n{"id": 1, "prompt": "again"}\n', r"bad.jsonl:2: id 1 already used on line 1"),
+        ('{"id": ["a"], "prompt": "ok"}\n', r"bad.jsonl:1: 'id' must be a string or an integer"),
+        ('{"id": 1, "prompt": "  \\t "}\n', r"bad.jsonl:1: 'prompt' is blank"),
+        ('{"id": 1, "prompt": "ok", "x": NaN}\n', r"bad.jsonl:1: not valid JSON \(NaN is not JSON\)"),
+    ]:
+        bad.write_text(lines)
+        with pytest.raises(ValueError, match=message):
+            read_prompts(bad)
+    bad.write_bytes(b'{"id": 1, "prompt": "ok"}\n{"id": 2, "prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 text \(byte 0xe9"):
         read_prompts(bad)
     custom = tmp_path / "custom.jsonl"
     custom.write_text('{"key": "a", "question": "hi"}\n{"question": "there"}\n')
-    assert read_prompts(custom, prompt_field="question", id_field="key") == [
-        {"id": "a", "prompt": "hi"}, {"id": 2, "prompt": "there"}]
+    assert [(p["id"], p["prompt"]) for p in read_prompts(custom, prompt_field="question", id_field="key")] == [
+        ("a", "hi"), (2, "there")]
 
 
 @pytest.mark.slow
@@ -198,20 +251,13 @@ def test_two_process_ddp_predict_covers_every_prompt_once(tmp_path, models, prom
     assert done.returncode == 0, done.stderr[-3000:]
     ids = [r["id"] for r in read_lines(output)]
     assert sorted(ids) == sorted(f"p{i}" for i in range(len(PROMPTS)))
-    assert not list(tmp_path.glob("predictions.rank*.jsonl"))
+    assert not list(tmp_path.glob(".predictions.jsonl.rank*"))
     assert "Predictions:" in done.stdout
 
 
-def test_memory_profiler_draws_figure_one_from_speculative_rejection(tmp_path, models, prompt_file):
-    import csv
-
-    from lightning_sr.callbacks import GPUMemoryProfiler
-
-    module = SpeculativeRejectionModule(*models, n=8, alpha=0.5, schedule=FixedSchedule([3, 6]),
-                                        sampling=SamplingParams(max_new_tokens=10))
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                         default_root_dir=tmp_path, callbacks=[GPUMemoryProfiler(dirpath=str(tmp_path))])
-    trainer.predict(module, datamodule=PromptDataModule(str(prompt_file), batch_size=4), return_predictions=False)
+def test_memory_profiler_draws_figure_one_from_speculative_rejection(L, tmp_path, models, prompt_file):
+    module = small_module(models, n=8, schedule=FixedSchedule([3, 6]), sampling=SamplingParams(max_new_tokens=10))
+    predict(L, module, PromptDataModule(str(prompt_file), batch_size=4), GPUMemoryProfiler(dirpath=str(tmp_path)))
     rows = list(csv.DictReader(open(tmp_path / "memory_predict_generation.csv")))
     assert {row["batch_idx"] for row in rows} == {"0", "1"}
     for batch in ("0", "1"):
@@ -224,26 +270,38 @@ def test_memory_profiler_draws_figure_one_from_speculative_rejection(tmp_path, m
     assert (tmp_path / "memory_predict_generation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_leftover_rank_files_are_merged_on_a_single_process_resume(tmp_path, models, prompt_file):
+def test_leftover_rank_files_are_merged_and_user_files_are_left_alone(L, tmp_path, models, prompt_file):
     output = tmp_path / "predictions.jsonl"
     output.write_text('{"id": "p0", "response": "from rank 0"}\n')
-    (tmp_path / "predictions.rank1.jsonl").write_text('{"id": "p1", "response": "from rank 1"}\n')
-    module = SpeculativeRejectionModule(*models, method="best_of_n", n=2, sampling=SamplingParams(max_new_tokens=4))
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                         callbacks=[JSONLPredictionWriter(str(output))])
-    trainer.predict(module, datamodule=PromptDataModule(str(prompt_file), limit=4), return_predictions=False)
+    writer = JSONLPredictionWriter(str(output))
+    header = '{"lightning_sr_rank_file": {"output": "predictions.jsonl", "rank": 1}}\n'
+    writer.rank_path(1).write_text(header + '{"id": "p1", "response": "from rank 1"}\n')
+    users = {  # look like ours by name, but they are the user's: never read, merged or deleted
+        "predictions.rank_archive.jsonl": '{"id": "p2", "response": "user"}\n',
+        "predictions.rankings.jsonl": '{"score": 1}\n',
+        ".predictions.jsonl.rank2.part": '{"id": "p3", "response": "no header"}\n',
+    }
+    for name, text in users.items():
+        (tmp_path / name).write_text(text)
+    predict(L, small_module(models, method="best_of_n", n=2, schedule=None), PromptDataModule(str(prompt_file), limit=4), writer)
     records = read_lines(output)
     assert [r["id"] for r in records] == ["p0", "p1", "p2", "p3"]
-    assert records[1]["response"] == "from rank 1"
-    assert not list(tmp_path.glob("*.rank*.jsonl"))
+    assert records[1]["response"] == "from rank 1" and "user" not in {r["response"] for r in records}
+    assert not writer.rank_path(1).exists()
+    assert {name: (tmp_path / name).read_text() for name in users} == users
 
 
-def test_outputs_are_strict_jsonl_whatever_the_text(tmp_path):
-    from lightning_sr.callbacks.predictions import _without_nan, read_jsonl
+def test_outputs_are_strict_json_and_non_finite_numbers_are_counted(L, tmp_path, models, prompt_file, capsys):
+    rewards = iter([float("nan"), float("inf")] + [1.0] * 1000)
+    reward = FunctionReward(lambda prompt, response: next(rewards))
+    module = SpeculativeRejectionModule(models[0], reward, method="best_of_n", n=1, sampling=SamplingParams(max_new_tokens=4))
+    output = tmp_path / "predictions.jsonl"
+    predict(L, module, PromptDataModule(str(prompt_file), batch_size=2, limit=2), JSONLPredictionWriter(str(output)))
 
-    record = {"id": 1, "response": "line\u2028separator\u0085next", "reward": float("nan"),
-              "candidates": [{"reward": float("nan")}]}
-    path = tmp_path / "out.jsonl"
-    path.write_text(json.dumps(_without_nan(record), ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
-    (read,) = read_jsonl(path)
-    assert read["response"] == record["response"] and read["reward"] is None and read["candidates"][0]["reward"] is None
+    def refuse(name):
+        raise ValueError(name)
+
+    lines = output.read_text().splitlines()
+    records = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert [r["reward"] for r in records] == [None, None]
+    assert "2 non-finite numbers (NaN/inf) written as null" in capsys.readouterr().out

@@ -9,7 +9,8 @@ import torch
 from lightning_sr.testing import save_tiny_generator
 from transformers import AutoModelForCausalLM
 
-from lightning_sr.callbacks.offline_merge import OfflineMerge, merge_state_dicts, sparsify
+from lightning_sr.callbacks import OfflineMerge
+from lightning_sr.merging import merge_state_dicts, sparsify
 from lightning_sr.cli import main
 from lightning_sr.modules.preference import PreferenceModule
 
@@ -40,6 +41,7 @@ def cli_args(config, tiny_dir, data_path, out, *extra):
         "fit", "--config", str(config),
         f"--model.policy={tiny_dir}",
         f"--data.path={data_path}",
+        f"--data.tokenizer={tiny_dir}",
         "--trainer.max_steps=2",
         "--trainer.val_check_interval=1",
         "--trainer.enable_progress_bar=false",
@@ -57,11 +59,12 @@ def test_all_five_configs_exist():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
-def test_fit_config_runs_two_steps(config, tiny_dir, data_path, tmp_path):
+def test_fit_config_runs_two_steps(L, config, tiny_dir, data_path, tmp_path):
     cli = main(cli_args(config, tiny_dir, data_path, tmp_path))
     trainer, module = cli.trainer, cli.model
-    assert trainer.global_step == 2
-    assert isinstance(module, PreferenceModule) and module.loss_name in config.stem
+    assert trainer.global_step == 2 and isinstance(trainer, L.Trainer)
+    assert isinstance(module, PreferenceModule) and isinstance(module, L.LightningModule)
+    assert module.loss_name in config.stem
     metrics = trainer.callback_metrics
     for key in ("train/loss", "val/loss", "val/accuracy", "val/margin", "val/rewards_chosen"):
         assert key in metrics and torch.isfinite(metrics[key]), key
@@ -76,7 +79,7 @@ def test_fit_config_runs_two_steps(config, tiny_dir, data_path, tmp_path):
         assert (Path(trainer.log_dir) / "merged-dare" / "config.json").is_file()
 
 
-def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tiny_dir, data_path, tmp_path):
+def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(L, tiny_dir, data_path, tmp_path):
     config = ROOT / "configs" / "fit_dpo_ondare.yaml"
     # 3 training pairs in one batch per epoch, so the data order cannot differ after resuming;
     # keep_rate 0.5 so the per-step random masks matter (they must continue from the checkpoint).
@@ -104,7 +107,7 @@ def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tiny_dir, da
 
 
 # ---------------------------------------------------------------- offline merge
-def test_offline_linear_merge_writes_the_formula(tiny_dir, data_path, tmp_path):
+def test_offline_linear_merge_writes_the_formula(L, tiny_dir, data_path, tmp_path):
     config = ROOT / "configs" / "fit_dpo_adamw.yaml"
     out = tmp_path / "merged"
     cli = main(cli_args(

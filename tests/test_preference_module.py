@@ -3,8 +3,8 @@
 import json
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from conftest import LightningPackage
 from lightning_sr.testing import make_tokenizer, tiny_llama
 
 from lightning_sr.data.preferences import (
@@ -15,6 +15,7 @@ from lightning_sr.data.preferences import (
     read_preferences,
     truncate_pair,
 )
+from lightning_sr.lightning_packages import PACKAGE_ENV
 from lightning_sr.losses import sequence_logprobs
 from lightning_sr.modules.preference import PreferenceModule
 
@@ -31,12 +32,12 @@ def write_jsonl(path, rows):
     return path
 
 
-def trainer(tmp_path, **kw):
+def trainer(L, tmp_path, **kw):
     defaults = dict(
         default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
     )
-    return pl.Trainer(**{**defaults, **kw})
+    return L.Trainer(**{**defaults, **kw})
 
 
 # ---------------------------------------------------------------- log-probs
@@ -96,7 +97,7 @@ def test_bad_lines_name_file_and_line(tmp_path, line, message):
 def test_invalid_json_names_line(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps(PAIRS[0]) + "\n\n{oops\n")
-    with pytest.raises(ValueError, match="p.jsonl:3: invalid JSON"):
+    with pytest.raises(ValueError, match="p.jsonl:3: not valid JSON"):
         read_preferences(path)
 
 
@@ -142,15 +143,14 @@ def test_collator_layout_and_kl_rows():
     assert batch["kl_loss_mask"].tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 1, 1]]
 
 
-def test_datamodule_split_and_tokenizer_from_module(tmp_path):
+def test_datamodule_split_needs_its_own_tokenizer(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", PAIRS)
     dm = PreferenceDataModule(str(path), tokenizer=make_tokenizer(), val_fraction=0.25, batch_size=2)
     dm.setup("fit")
     assert len(dm.train_set) == 3 and len(dm.val_set) == 1
     assert next(iter(dm.train_dataloader()))["input_ids"].shape[0] == 4
-    no_tok = PreferenceDataModule(str(path))
-    with pytest.raises(ValueError, match="needs a tokenizer"):
-        no_tok.setup("fit")
+    with pytest.raises(TypeError, match="tokenizer"):
+        PreferenceDataModule(str(path))  # the data module never reads the module's tokenizer
 
 
 # ---------------------------------------------------------------- module
@@ -165,13 +165,13 @@ def full_batch(tok, rows=PAIRS):
     return PreferenceCollator(tok.pad_token_id, 64)([enc(r) for r in read_preferences_from(rows)])
 
 
-def fit_tiny(tmp_path, optimizer, steps=20, loss="dpo", **kw):
+def fit_tiny(L, tmp_path, optimizer, steps=20, loss="dpo", **kw):
     tok = make_tokenizer(chat_template=True)
     path = write_jsonl(tmp_path / "train.jsonl", PAIRS)
     module = PreferenceModule(tiny_llama(tok), loss=loss, beta=0.5, optimizer=optimizer, **kw)
     dm = PreferenceDataModule(str(path), tokenizer=tok, batch_size=4)
-    pl.seed_everything(0)
-    trainer(tmp_path, max_steps=steps).fit(module, dm)
+    L.seed_everything(0)
+    trainer(L, tmp_path, max_steps=steps).fit(module, dm)
     return module, full_batch(tok)
 
 
@@ -205,12 +205,17 @@ def test_compute_loss_feeds_the_documented_log_probs(loss):
     else:
         expected = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], beta=0.3, label_smoothing=0.1)
     assert out["loss"].item() == pytest.approx(expected.losses.mean().item(), abs=1e-6)
-    assert out["loss"].item() > 0
+    if loss == "kto":
+        chosen, rejected = expected.rewards[:n], expected.rewards[n:]
+    else:
+        chosen, rejected = expected.chosen_rewards, expected.rejected_rewards
+    torch.testing.assert_close(out["chosen_rewards"], chosen)
+    torch.testing.assert_close(out["rejected_rewards"], rejected)
 
 
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "kto"])
-def test_training_raises_margin_and_keeps_reference_frozen(tmp_path, loss):
-    module, batch = fit_tiny(tmp_path, lambda p: torch.optim.AdamW(p, lr=1e-2), loss=loss)
+def test_training_raises_margin_and_keeps_reference_frozen(L, tmp_path, loss):
+    module, batch = fit_tiny(L, tmp_path, lambda p: torch.optim.AdamW(p, lr=1e-2), loss=loss)
     assert module.reference is not None and not module.reference.training
     # reward margins are measured against the frozen initial copy: 0 before training
     assert margin_on(module, batch) > 0.1
@@ -219,8 +224,8 @@ def test_training_raises_margin_and_keeps_reference_frozen(tmp_path, loss):
     assert all(not p.requires_grad for p in module.reference.parameters())
 
 
-def test_reference_not_in_checkpoint_or_optimizer(tmp_path):
-    module, _ = fit_tiny(tmp_path, lambda p: torch.optim.AdamW(p, lr=1e-3), steps=1)
+def test_reference_not_in_checkpoint_or_optimizer(L, tmp_path):
+    module, _ = fit_tiny(L, tmp_path, lambda p: torch.optim.AdamW(p, lr=1e-3), steps=1)
     keys = module.state_dict().keys()
     assert any(k.startswith("policy.") for k in keys) and not any(k.startswith("reference.") for k in keys)
     opt_params = {id(p) for g in module.trainer.optimizers[0].param_groups for p in g["params"]}
@@ -228,9 +233,9 @@ def test_reference_not_in_checkpoint_or_optimizer(tmp_path):
     assert "optimizer" not in module.hparams and "policy" not in module.hparams  # object policy
 
 
-def test_base_model_needs_set_base(tmp_path):
+def test_base_model_needs_set_base(L, tmp_path):
     with pytest.raises(TypeError, match="AdamW has no set_base"):
-        fit_tiny(tmp_path, lambda p: torch.optim.AdamW(p, lr=1e-3), steps=1, base_model=tiny_llama())
+        fit_tiny(L, tmp_path, lambda p: torch.optim.AdamW(p, lr=1e-3), steps=1, base_model=tiny_llama())
 
 
 # ---------------------------------------------------------------- online merging optimizers
@@ -257,18 +262,19 @@ def tau_of(module, base):
 
 @pytest.fixture(scope="module")
 def adamw_run(tmp_path_factory):
-    from lightning_sr.optim import OnDARE  # noqa: F401  (skip cleanly if the optimizers are missing)
+    with pytest.MonkeyPatch.context() as patch:  # module-scoped: the autouse package fixture has not run
+        patch.setenv(PACKAGE_ENV, "lightning")
+        adamw = lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0)  # noqa: E731
+        return fit_tiny(LightningPackage("lightning"), tmp_path_factory.mktemp("adamw"), adamw)
 
-    return fit_tiny(tmp_path_factory.mktemp("adamw"), lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0))
 
-
-def test_onties_raises_margin_and_stays_closer_to_sft_than_adamw(adamw_run, tmp_path):
+def test_onties_raises_margin_and_stays_closer_to_sft_than_adamw(L, adamw_run, tmp_path):
     from lightning_sr.optim import OnTIES
 
     adamw, batch = adamw_run
     base = perturbed_base()
     onties, _ = fit_tiny(
-        tmp_path, lambda p: OnTIES(p, lr=1e-2, keep_rate=0.1, merge_weight=1e-3), base_model=base
+        L, tmp_path, lambda p: OnTIES(p, lr=1e-2, keep_rate=0.1, merge_weight=1e-3), base_model=base
     )
     assert margin_on(onties, batch) > 1.0
     # top-k sparse updates, and Adam coordinates that disagree with tau's sign are dropped
@@ -276,13 +282,13 @@ def test_onties_raises_margin_and_stays_closer_to_sft_than_adamw(adamw_run, tmp_
     assert distances[0] < 0.75 * distances[1], distances
 
 
-def test_ondare_raises_margin_and_merges_along_the_sft_direction(adamw_run, tmp_path):
+def test_ondare_raises_margin_and_merges_along_the_sft_direction(L, adamw_run, tmp_path):
     from lightning_sr.optim import OnDARE
 
     adamw, batch = adamw_run
     base = perturbed_base()
     ondare, _ = fit_tiny(
-        tmp_path, lambda p: OnDARE(p, lr=1e-2, keep_rate=0.5, merge_weight=0.05), base_model=base
+        L, tmp_path, lambda p: OnDARE(p, lr=1e-2, keep_rate=0.5, merge_weight=0.05), base_model=base
     )
     margins = margin_on(ondare, batch), margin_on(adamw, batch)
     assert min(margins) > 1.0, margins

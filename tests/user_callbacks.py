@@ -1,12 +1,16 @@
-"""Callbacks a user might add through a ``callbacks/*.yaml`` file (importable in tests)."""
+"""Callbacks a user might add through a ``callbacks/*.yaml`` file (importable in tests).
+
+Written once on lightning-sr's stand-in ``Callback``; the module's ``__getattr__`` hands a class
+path such as ``user_callbacks.RecordingCallback`` the class built for the Lightning package in use.
+"""
 
 import json
 from pathlib import Path
 
-from pytorch_lightning import Callback
+from lightning_sr.lightning_packages import Callback, resolve
 
 
-class RecordingCallback(Callback):
+class _RecordingCallback(Callback):
     """Writes what it saw (batches, generation steps, results) to a JSON file at predict end."""
 
     def __init__(self, path: str):
@@ -27,7 +31,7 @@ class RecordingCallback(Callback):
         self.path.write_text(json.dumps(self.seen))
 
 
-class FailAtBatch(Callback):
+class _FailAtBatch(Callback):
     """Simulates a crash: raises when predict reaches batch ``batch_idx``."""
 
     def __init__(self, batch_idx: int):
@@ -36,3 +40,9 @@ class FailAtBatch(Callback):
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if batch_idx == self.batch_idx:
             raise RuntimeError(f"simulated crash at batch {batch_idx}")
+
+
+def __getattr__(name):
+    if f"_{name}" not in globals():
+        raise AttributeError(name)
+    return resolve(globals()[f"_{name}"])

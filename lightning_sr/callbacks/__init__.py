@@ -1,23 +1,55 @@
 """Lightning callbacks: memory profiling, prediction writing, online and offline merging.
 
-Names are imported on first use so that one callback's optional dependencies never slow or break
-the others.
+Each works with ``lightning.pytorch`` and ``pytorch_lightning`` (the class follows the package
+your program imported). Ready-made YAML lists of them ship with the package: see
+:func:`config_path` (``lightning-sr ... --trainer.callbacks+=lightning_sr:memory``).
 """
 
-import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-_LAZY = {
-    "GPUMemoryProfiler": "lightning_sr.callbacks.memory",
-    "JSONLPredictionWriter": "lightning_sr.callbacks.predictions",
-    "OnlineMerging": "lightning_sr.callbacks.merging",
-    "OfflineMerge": "lightning_sr.callbacks.offline_merge",
-}
+from lightning_sr._lazy import lazy_names
+
+if TYPE_CHECKING:
+    from lightning_sr.callbacks.hooks import GenerationHooks
+    from lightning_sr.callbacks.memory import GPUMemoryProfiler
+    from lightning_sr.callbacks.merging import OnlineMerging
+    from lightning_sr.callbacks.offline_merge import OfflineMerge
+    from lightning_sr.callbacks.predictions import JSONLPredictionWriter
+
+CONFIGS = Path(__file__).parent / "configs"
+"""The shipped callback YAML files (``memory.yaml``, ``online_merging.yaml``, ``predictions.yaml``)."""
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lightning_sr.callbacks' has no attribute {name!r}")
+def config_path(name: str) -> Path:
+    """The shipped callback YAML ``name`` (``"memory"``, ...), for ``--trainer.callbacks+=<path>``.
+
+    From a shell, in any LightningCLI project: ``--trainer.callbacks+=$(python -m
+    lightning_sr.callbacks memory)``.
+    """
+    path = CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+        raise FileNotFoundError(f"no shipped callback config {name!r}; choose one of {names}")
+    return path
 
 
-__all__ = list(_LAZY)
+__getattr__, __dir__ = lazy_names(
+    __name__,
+    {
+        "GPUMemoryProfiler": "lightning_sr.callbacks.memory",
+        "JSONLPredictionWriter": "lightning_sr.callbacks.predictions",
+        "OnlineMerging": "lightning_sr.callbacks.merging",
+        "OfflineMerge": "lightning_sr.callbacks.offline_merge",
+        "GenerationHooks": "lightning_sr.callbacks.hooks",
+    },
+)
+__all__ = [
+    "GPUMemoryProfiler",
+    "JSONLPredictionWriter",
+    "OnlineMerging",
+    "OfflineMerge",
+    "GenerationHooks",
+    "CONFIGS",
+    "config_path",
+]

@@ -18,16 +18,23 @@ and peak RSS, labelled as such.
 from __future__ import annotations
 
 import csv
+import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
+
+from lightning_sr.lightning_packages import Callback
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule, Trainer
+
+log = logging.getLogger(__name__)
+rank_zero_info = rank_zero_only(log.info)
 
 try:  # peak RSS; not available on Windows
     import resource
@@ -145,7 +152,7 @@ def _peak_rss_bytes(process: psutil.Process) -> int | None:
     return None if peak is None else int(peak)
 
 
-def _root_device(trainer: pl.Trainer) -> torch.device:
+def _root_device(trainer: Trainer) -> torch.device:
     return trainer.strategy.root_device
 
 
@@ -230,14 +237,17 @@ class GPUMemoryProfiler(Callback):
         every_n_steps: record every n-th batch of each phase (train, validation, test, predict),
             counting from the first. Decoding steps are recorded for recorded batches only.
         dirpath: folder for ``memory_<stage>.csv/.png``, generation files and snapshots.
-            Default: ``trainer.log_dir`` (the first logger's log directory, else the trainer's
-            ``default_root_dir``). With several processes every rank writes its own files,
+            Default: ``trainer.log_dir`` (the first logger's log directory), else the trainer's
+            ``default_root_dir`` (e.g. under ``fast_dev_run``, which has no real logger). With several processes every rank writes its own files,
             suffixed ``_rank<global_rank>``.
         plot: write PNG plots next to the CSVs (needs matplotlib; skipped with a warning without).
         snapshot: on CUDA, record the caching allocator's history from stage start and dump a
             pickle for https://pytorch.org/memory_viz at stage end and when the run raises (an
             out-of-memory error included). Ignored with a warning on other devices.
         snapshot_max_entries: allocation events kept by the snapshot's ring buffer.
+        name: tells several profilers of one run apart: files become ``memory_<name>_<stage>...``
+            and logged keys ``memory/<name>/<phase>/...``. Two profilers that would write the
+            same files warn at setup.
 
     Note:
         On CUDA the callback calls ``torch.cuda.reset_peak_memory_stats`` at the start of every
@@ -253,6 +263,7 @@ class GPUMemoryProfiler(Callback):
         plot: bool = True,
         snapshot: bool = False,
         snapshot_max_entries: int = 100_000,
+        name: str | None = None,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(
@@ -267,17 +278,25 @@ class GPUMemoryProfiler(Callback):
         self.plot = plot
         self.snapshot = snapshot
         self.snapshot_max_entries = snapshot_max_entries
+        self.name = name
+        self._prefix = f"memory_{name}" if name else "memory"
         self._said_cpu = False
         self._said_snapshot_cpu = False
         self._reset_stage_state()
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, dirpath=str(self.dirpath))
+        return self._generate_state_key(every_n_steps=self.every_n_steps, dirpath=str(self.dirpath), name=self.name)
+
+    def output_dir(self, trainer: Trainer) -> Path:
+        """Where this profiler writes its files in ``trainer``'s run."""
+        if self.dirpath is not None:
+            return Path(self.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir)
 
     # ---------------------------------------------------------------- stage start / end
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._reset_stage_state()
         stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn (a str enum)
         self._stage = stage
@@ -293,29 +312,36 @@ class GPUMemoryProfiler(Callback):
                     "(`rss_bytes`) and peak RSS (`peak_rss_bytes`) instead of GPU memory."
                 )
                 self._said_cpu = True
-        self._dir = Path(self.dirpath) if self.dirpath is not None else Path(trainer.log_dir or ".")
+        self._dir = self.output_dir(trainer)
+        for other in trainer.callbacks:
+            if other is not self and isinstance(other, GPUMemoryProfiler) and other._prefix == self._prefix:
+                if other.output_dir(trainer) == self._dir:
+                    rank_zero_warn(
+                        f"GPUMemoryProfiler: two profilers write {self._prefix}_* files to {self._dir}: "
+                        "give each a different `name` (or `dirpath`)."
+                    )
         self._suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         self._batches = _CsvBuffer(
-            self._path(f"memory_{stage}", ".csv"), BATCH_KEYS + self._sampler.metrics
+            self._path(f"{self._prefix}_{stage}", ".csv"), BATCH_KEYS + self._sampler.metrics
         )
         self._generation = _CsvBuffer(
-            self._path(f"memory_{stage}_generation", ".csv"), GENERATION_KEYS
+            self._path(f"{self._prefix}_{stage}_generation", ".csv"), GENERATION_KEYS
         )
         self._t0 = time.perf_counter()
         self._start_snapshot()
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._finish(snapshot_name=f"memory_snapshot_{self._stage}")
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._finish(snapshot_name=f"{self._prefix}_snapshot_{self._stage}")
 
     def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
         """Keep what was recorded, and dump the allocator snapshot before the exception propagates."""
         if self._stage is None:
             return
         kind = "oom" if isinstance(exception, torch.OutOfMemoryError) else "exception"
         try:
-            self._finish(snapshot_name=f"memory_snapshot_{self._stage}_{kind}")
+            self._finish(snapshot_name=f"{self._prefix}_snapshot_{self._stage}_{kind}")
         except Exception as err:  # never mask the run's own error
             rank_zero_warn(f"GPUMemoryProfiler: could not save memory records after {kind}: {err}")
 
@@ -349,7 +375,7 @@ class GPUMemoryProfiler(Callback):
 
     # ---------------------------------------------------------------- per batch
 
-    def _batch_start(self, trainer: pl.Trainer, phase: str, batch_idx: int) -> None:
+    def _batch_start(self, trainer: Trainer, phase: str, batch_idx: int) -> None:
         if self._stage is None or trainer.sanity_checking:
             self._record_current = False
             return
@@ -362,7 +388,7 @@ class GPUMemoryProfiler(Callback):
             self._sampler.begin_batch()
 
     def _batch_end(
-        self, trainer: pl.Trainer, phase: str, batch_idx: int, dataloader_idx: int = 0
+        self, trainer: Trainer, phase: str, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if not self._record_current or self._stage is None:
             return
@@ -381,11 +407,12 @@ class GPUMemoryProfiler(Callback):
         }
         self._batches.add(row)
         if trainer.loggers:
-            logged = {f"memory/{phase}/{k}": float(v) for k, v in metrics.items() if v is not None}
+            key = f"memory/{self.name}/{phase}" if self.name else f"memory/{phase}"
+            logged = {f"{key}/{k}": float(v) for k, v in metrics.items() if v is not None}
             for logger in trainer.loggers:
                 logger.log_metrics(logged, step=step)
 
-    def _log_step(self, trainer: pl.Trainer, phase: str) -> int:
+    def _log_step(self, trainer: Trainer, phase: str) -> int:
         """Fit shares the step of ``self.log``; other stages count their own batches."""
         if self._stage == "fit":
             loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
@@ -421,7 +448,7 @@ class GPUMemoryProfiler(Callback):
     # ---------------------------------------------------------------- generation view
 
     def on_generation_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: Any
+        self, trainer: Trainer, pl_module: LightningModule, event: Any
     ) -> None:
         """One decoding step (a ``StepEvent``) of the batch being decoded; called by the module."""
         if self._stage is None or not self._record_current:

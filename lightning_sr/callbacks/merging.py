@@ -2,7 +2,9 @@
 
 OnDARE / OnTIES need τ = θ_SFT − θ_base for every parameter before their first step. This callback
 lets any LightningModule adopt them from a config alone: choose ``lightning_sr.optim.OnDARE`` as
-the module's optimizer and add ``OnlineMerging(base_model=...)`` to the Trainer. At fit start it
+the optimizer (a module's injected ``optimizer`` argument, or LightningCLI's own ``--optimizer``,
+which replaces a hard-coded ``configure_optimizers``) and add ``OnlineMerging(base_model=...)`` to
+the Trainer. At fit start it
 loads the base once, calls :meth:`~lightning_sr.optim.OnlineMergingOptimizer.set_base` on every
 online merging optimizer of the module (parameters matched by name, module prefixes such as
 ``policy.`` aligned), and releases the base again.
@@ -15,41 +17,25 @@ its checkpoint, not by calling ``fit`` again on the trained module.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
 from torch import nn
 
+from lightning_sr.lightning_packages import Callback
+from lightning_sr.loading import load_weights
 from lightning_sr.optim.online_merging import OnlineMergingOptimizer
 
-__all__ = ["OnlineMerging", "load_base_state"]
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule, Trainer
 
+log = logging.getLogger(__name__)
+rank_zero_info = rank_zero_only(log.info)
 
-def load_base_state(
-    base_model: str | nn.Module | Mapping[str, torch.Tensor], **load_kwargs: Any
-) -> Mapping[str, torch.Tensor]:
-    """The base model's tensors by name, from a hub id / local path, a module or a state dict.
-
-    A name is resolved with ``lightning_sr.assets.resolve_model`` (embedded defaults) and loaded
-    with ``transformers.AutoModelForCausalLM.from_pretrained`` in the checkpoint's own dtype
-    (τ is computed in the policy's precision, so nothing is lost by not upcasting here).
-    """
-    if isinstance(base_model, nn.Module):
-        return base_model.state_dict()
-    if isinstance(base_model, Mapping):
-        return base_model
-    if isinstance(base_model, str):
-        from lightning_sr.loading import load_causal_lm
-
-        return load_causal_lm(base_model, **{"dtype": "auto", **load_kwargs}).state_dict()
-    raise TypeError(
-        f"OnlineMerging: base_model must be a model name or path, a torch.nn.Module or a state "
-        f"dict, got {type(base_model).__name__}"
-    )
+__all__ = ["OnlineMerging"]
 
 
 class OnlineMerging(Callback):
@@ -57,10 +43,12 @@ class OnlineMerging(Callback):
 
     Args:
         base_model: the pre-trained model the policy (the SFT model) was fine-tuned from: a hub
-            id or local folder (loaded with ``AutoModelForCausalLM``; the embedded default names
-            work too), a ``torch.nn.Module``, or a state dict.
+            id, a local Hugging Face folder or an embedded name (loaded with
+            ``AutoModelForCausalLM``), a Lightning ``.ckpt`` (of the same LightningModule class or
+            any other), a ``.safetensors`` file, a ``torch.save`` file of a state dict
+            (``.pt``/``.pth``/``.bin``), a ``torch.nn.Module`` or a state dict.
         load_kwargs: extra keyword arguments for ``from_pretrained`` when ``base_model`` is a
-            name (e.g. ``{"revision": "main"}``).
+            model name or folder (e.g. ``{"revision": "main"}``).
 
     Parameters are matched to the base by name; a LightningModule that holds the Hugging Face
     model as ``self.policy`` (names ``policy.model.layers.0...``) matches a base whose names are
@@ -79,7 +67,7 @@ class OnlineMerging(Callback):
         self.load_kwargs = dict(load_kwargs or {})
         self.reports: list = []
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         optimizers = [o for o in trainer.optimizers if isinstance(o, OnlineMergingOptimizer)]
         if not optimizers:
             rank_zero_warn(
@@ -87,7 +75,7 @@ class OnlineMerging(Callback):
                 "Set its optimizer to lightning_sr.optim.OnDARE or lightning_sr.optim.OnTIES."
             )
             return
-        base = load_base_state(self.base_model, **self.load_kwargs)
+        base = load_weights(self.base_model, **self.load_kwargs)
         self.reports = [optimizer.set_base(pl_module, base) for optimizer in optimizers]
         del base
         for optimizer, report in zip(optimizers, self.reports):

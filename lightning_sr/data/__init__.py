@@ -1,17 +1,15 @@
-"""LightningDataModules for JSONL prompt files and preference pairs."""
+"""LightningDataModules for JSONL prompt files and preference pairs (both Lightning packages)."""
 
-import importlib
+from typing import TYPE_CHECKING
 
-_LAZY = {
-    "PromptDataModule": "lightning_sr.data.prompts",
-    "PreferenceDataModule": "lightning_sr.data.preferences",
-}
+from lightning_sr._lazy import lazy_names
 
+if TYPE_CHECKING:
+    from lightning_sr.data.preferences import PreferenceDataModule
+    from lightning_sr.data.prompts import PromptDataModule
 
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lightning_sr.data' has no attribute {name!r}")
-
-
-__all__ = list(_LAZY)
+__getattr__, __dir__ = lazy_names(
+    __name__,
+    {"PromptDataModule": "lightning_sr.data.prompts", "PreferenceDataModule": "lightning_sr.data.preferences"},
+)
+__all__ = ["PromptDataModule", "PreferenceDataModule"]

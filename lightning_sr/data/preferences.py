@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_sr.chat import encode_exchange
+from lightning_sr.jsonl import read_objects
+from lightning_sr.lightning_packages import LightningDataModule
 from lightning_sr.loading import load_tokenizer
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -65,28 +66,16 @@ def _check_text(value: Any, field: str, where: str, allow_empty: bool) -> None:
 
 def read_preferences(path: str | Path) -> list[PreferenceRecord]:
     """Read and check a preference JSONL file; errors name the file and the 1-based line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"preference file not found: {path}")
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            missing = [field for field in FIELDS if field not in row]
-            if missing:
-                raise ValueError(f"{where}: missing field(s) {', '.join(map(repr, missing))}")
-            _check_text(row["prompt"], "prompt", where, allow_empty=True)
-            _check_text(row["chosen"], "chosen", where, allow_empty=False)
-            _check_text(row["rejected"], "rejected", where, allow_empty=False)
-            records.append(PreferenceRecord(row["prompt"], row["chosen"], row["rejected"], where))
+    for lineno, row in read_objects(path):
+        where = f"{path}:{lineno}"
+        missing = [field for field in FIELDS if field not in row]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {', '.join(map(repr, missing))}")
+        _check_text(row["prompt"], "prompt", where, allow_empty=True)
+        _check_text(row["chosen"], "chosen", where, allow_empty=False)
+        _check_text(row["rejected"], "rejected", where, allow_empty=False)
+        records.append(PreferenceRecord(row["prompt"], row["chosen"], row["rejected"], where))
     if not records:
         raise ValueError(f"{path}: no preference pairs in file")
     return records
@@ -185,29 +174,32 @@ class PreferenceCollator:
         return batch
 
 
-class PreferenceDataModule(pl.LightningDataModule):
+class PreferenceDataModule(LightningDataModule):
     """Preference pairs from a JSONL file (format and truncation policy: see the module docstring).
 
     Args:
         path: training JSONL file.
+        tokenizer: the policy's tokenizer: a hub id, local folder or embedded name (usually the
+            same as the module's ``policy``), or a tokenizer object.
         val_path: optional validation JSONL file.
         val_fraction: when no ``val_path``, hold out this fraction of ``path`` (at least one pair,
             chosen with ``seed``) for validation; 0 means no validation.
-        tokenizer: hub id / local folder / embedded name of the tokenizer, or a tokenizer object.
-            ``None`` takes the policy's: the attached LightningModule's ``tokenizer_name_or_path``.
         max_length: maximum prompt + response tokens per row.
         max_prompt_length: the prompt keeps at least this many tokens when truncated (default
             ``max_length // 2``).
+        batch_size: pairs per training step (each pair is two sequences).
+        num_workers: DataLoader worker processes.
         chat_template: apply the tokenizer's chat template when it has one.
         padding_side: ``"right"`` (default) or ``"left"``; the log-probs do not depend on it.
+        seed: seed of the validation split and of the training order.
     """
 
     def __init__(
         self,
         path: str,
+        tokenizer: Any,
         val_path: str | None = None,
         val_fraction: float = 0.0,
-        tokenizer: str | None = None,
         max_length: int = 512,
         max_prompt_length: int | None = None,
         batch_size: int = 2,
@@ -232,30 +224,15 @@ class PreferenceDataModule(pl.LightningDataModule):
             )
         self.batch_size, self.num_workers = batch_size, num_workers
         self.chat_template, self.padding_side, self.seed = chat_template, padding_side, seed
-        tokenizer_is_object = not (tokenizer is None or isinstance(tokenizer, str))
-        self.save_hyperparameters(ignore=["tokenizer"] if tokenizer_is_object else [])
+        self.save_hyperparameters(ignore=[] if isinstance(tokenizer, str) else ["tokenizer"])
         self.train_set: PreferenceDataset | None = None
         self.val_set: PreferenceDataset | None = None
-
-    def _resolve_tokenizer(self):
-        if self.tokenizer is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            name = getattr(module, "tokenizer_name_or_path", None)
-            if name is None:
-                raise ValueError(
-                    "PreferenceDataModule needs a tokenizer: pass tokenizer=..., or attach it to a "
-                    "module whose policy is given by name (PreferenceModule with policy='<name or path>')"
-                )
-            self.tokenizer = name
-        if isinstance(self.tokenizer, str):
-            self.tokenizer = load_tokenizer(self.tokenizer)
-        return self.tokenizer
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        tokenizer = self._resolve_tokenizer()
-        encode = PreferenceTokenizer(tokenizer, self.max_length, self.max_prompt_length, self.chat_template)
+        self.tokenizer = load_tokenizer(self.tokenizer)
+        encode = PreferenceTokenizer(self.tokenizer, self.max_length, self.max_prompt_length, self.chat_template)
         train = read_preferences(self.path)
         val: list[PreferenceRecord] = []
         if self.val_path:

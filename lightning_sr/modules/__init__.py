@@ -1,17 +1,18 @@
-"""LightningModules: generation with speculative rejection, preference training."""
+"""LightningModules: generation with speculative rejection, preference training (both Lightning packages)."""
 
-import importlib
+from typing import TYPE_CHECKING
 
-_LAZY = {
-    "SpeculativeRejectionModule": "lightning_sr.modules.generation",
-    "PreferenceModule": "lightning_sr.modules.preference",
-}
+from lightning_sr._lazy import lazy_names
 
+if TYPE_CHECKING:
+    from lightning_sr.modules.generation import SpeculativeRejectionModule
+    from lightning_sr.modules.preference import PreferenceModule
 
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lightning_sr.modules' has no attribute {name!r}")
-
-
-__all__ = list(_LAZY)
+__getattr__, __dir__ = lazy_names(
+    __name__,
+    {
+        "SpeculativeRejectionModule": "lightning_sr.modules.generation",
+        "PreferenceModule": "lightning_sr.modules.preference",
+    },
+)
+__all__ = ["SpeculativeRejectionModule", "PreferenceModule"]

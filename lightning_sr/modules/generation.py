@@ -3,54 +3,68 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 
+from lightning_sr.callbacks.progress import show_status
+from lightning_sr.chat import encode_prompt
 from lightning_sr.generation import (
     FixedSchedule,
+    GenerationResult,
     MemorySchedule,
     SamplingParams,
     StepEvent,
     best_of_n,
     speculative_rejection,
 )
+from lightning_sr.lightning_packages import LightningModule
+from lightning_sr.loading import load_causal_lm, load_tokenizer, torch_dtype
 from lightning_sr.rewards import HFRewardModel, RewardModel
 
 log = logging.getLogger(__name__)
 
+METHODS = ("speculative_rejection", "best_of_n")
 
-class SpeculativeRejectionModule(pl.LightningModule):
+
+class SpeculativeRejectionModule(LightningModule):
     """Generates the best response per prompt with a generator and a reward model.
 
-    ``predict_step`` takes a batch of ``{"id", "prompt"}`` items (as produced by
-    :class:`~lightning_sr.data.PromptDataModule`) and returns one dict per prompt: ``id``,
-    ``prompt``, ``response``, ``reward``, ``stats`` (and ``candidates`` with
-    ``return_candidates=True``). Every prompt of the batch decodes together.
+    ``predict_step`` takes a batch of ``{"id", "prompt"}`` items (as
+    :class:`~lightning_sr.data.PromptDataModule` serves them) and returns one dict per prompt:
+    ``id``, ``prompt``, ``response``, ``reward``, ``stats`` (and ``candidates`` with
+    ``return_candidates=True``). Every prompt of the batch decodes together. A prompt that cannot
+    be generated (longer than the generator's context, or a chat message list without a chat
+    template) is skipped with a warning naming its id; the others go on.
 
-    Models are loaded lazily in ``configure_model`` (not at import or construction), moved to the
-    trainer's device by Lightning, and kept in eval mode without gradients. Callbacks that define
-    ``on_generation_step(trainer, pl_module, event)`` receive every decoding step's
-    :class:`~lightning_sr.generation.StepEvent`, and ``on_generation_end(trainer, pl_module,
-    results)`` each batch's results (the memory profiler uses both).
+    Models are loaded in ``configure_model`` (not at construction), moved to the trainer's device
+    by Lightning and kept in eval mode without gradients. Callbacks with the
+    :class:`~lightning_sr.callbacks.GenerationHooks` methods see every decoding step and each
+    batch's results; the progress bar shows tokens, live rows, tokens/s and elapsed time while a
+    batch decodes.
 
     Args:
-        generator: hub id, local path or embedded default name of a causal LM, or a model object.
-        reward_model: hub id / local path / default name of a sequence classifier (scalar
-            output), or a :class:`~lightning_sr.rewards.RewardModel` object.
-        n: samples per prompt, or ``"auto"`` (as many as the memory schedule's budget allows).
-        alpha: rejection rate at each decision point, in [0, 1).
-        schedule: ``MemorySchedule`` (default: free CUDA memory; explicit budget on CPU) or
-            ``FixedSchedule(lengths=[...])``.
-        sampling: ``SamplingParams`` (temperature, top_k, top_p, max_new_tokens, stop_token_ids).
-        seed: sampling seed; each batch uses ``seed + batch_idx`` and each process adds its rank.
-        method: ``"speculative_rejection"`` or ``"best_of_n"`` (same engine, no rejection).
+        generator: the causal LM: a hub id, local folder, embedded default name
+            (``"smollm2-135m-instruct"``) or a model object.
+        reward_model: the reward model: a hub id, local folder or embedded default name
+            (``"minilm-positivity"``) of a sequence classifier with one output, or any object with
+            ``score(prompts, responses)`` (a :class:`~lightning_sr.rewards.RewardModel`).
+        n: samples per prompt, or ``"auto"``: as many as the memory schedule's budget holds.
+        alpha: fraction of each prompt's rows rejected at every decision point, in [0, 1).
+        schedule: when to decide: ``MemorySchedule`` (the paper's; default, which on CPU needs an
+            explicit ``budget_bytes``) or ``FixedSchedule(lengths=[...])``.
+        sampling: temperature, top_k, top_p, max_new_tokens and stop_token_ids
+            (``SamplingParams``).
+        seed: sampling seed; a batch samples with ``seed + index of its first prompt``, so a
+            batch's samples do not depend on the process or on a resumed run.
+        method: ``"speculative_rejection"``, or ``"best_of_n"`` (the same engine, no rejection).
         chat_template: apply the generator's chat template to prompts when it has one.
-        dtype: generator and reward model precision when loaded by name (``"float32"``,
-            ``"bfloat16"``, ``"float16"``, or ``"auto"`` for the checkpoint's own).
-        tokenizer: the generator's tokenizer (object or name) when ``generator`` is an object.
-        return_candidates: also return every candidate with its reward.
+        dtype: precision of models loaded by name: ``"float32"``, ``"bfloat16"``, ``"float16"``
+            or ``"auto"`` (the checkpoint's own).
+        tokenizer: the generator's tokenizer (an object, or a name or folder); needed when
+            ``generator`` is a model object, else the generator's own.
+        return_candidates: also return every sampled candidate with its reward.
     """
 
     def __init__(
@@ -69,18 +83,21 @@ class SpeculativeRejectionModule(pl.LightningModule):
         return_candidates: bool = False,
     ):
         super().__init__()
-        if method not in ("speculative_rejection", "best_of_n"):
-            raise ValueError(f"method must be 'speculative_rejection' or 'best_of_n', got {method!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"alpha must be in [0, 1), got {alpha}")
-        if method == "best_of_n" and n == "auto":
-            raise ValueError("method='best_of_n' needs an explicit n")
+            raise ValueError(f"alpha must be in [0, 1) (the fraction rejected per decision), got {alpha}")
+        if n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"n must be a positive integer or 'auto', got {n!r}")
+        if n == "auto" and (method == "best_of_n" or alpha == 0):
+            raise ValueError("n='auto' sizes n from the memory budget, which only rejection keeps: give n for Best-of-N")
+        torch_dtype(dtype)  # a bad name fails here, before any model loads
         objects = {"generator": generator, "reward_model": reward_model, "tokenizer": tokenizer}
         self.save_hyperparameters(ignore=[name for name, value in objects.items() if not isinstance(value, (str, type(None)))])
         # A plain dict, so that model objects given here are not registered as submodules.
-        self._sources = {"generator": generator, "reward_model": reward_model, "tokenizer": tokenizer}
+        self._sources = objects
         self.n, self.alpha, self.seed, self.method = n, alpha, seed, method
-        self.schedule = schedule
+        self.schedule = MemorySchedule() if schedule is None else schedule
         self.sampling = sampling or SamplingParams()
         self.chat_template, self.dtype_name = chat_template, dtype
         self.return_candidates = return_candidates
@@ -92,21 +109,15 @@ class SpeculativeRejectionModule(pl.LightningModule):
         """Load the generator, its tokenizer and the reward model (once)."""
         if self.generator is not None:
             return
-        from lightning_sr.loading import load_causal_lm, load_tokenizer
-
         source, tokenizer = self._sources["generator"], self._sources["tokenizer"]
-        if isinstance(source, str):
-            tokenizer = tokenizer or source
-        elif tokenizer is None:
+        if tokenizer is None and not isinstance(source, str):
             raise ValueError("SpeculativeRejectionModule needs `tokenizer` when `generator` is a model object")
-        generator = load_causal_lm(source, self.dtype_name)
-        tokenizer = load_tokenizer(tokenizer)
-        self.generator = generator.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
+        self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else source)
+        self.generator = load_causal_lm(source, self.dtype_name).eval().requires_grad_(False)
         reward = self._sources["reward_model"]
         if isinstance(reward, str):
             reward = HFRewardModel(reward, dtype=self.dtype_name)
-        if not hasattr(reward, "score"):
+        if not callable(getattr(reward, "score", None)):
             raise TypeError(f"reward_model must be a name, a path or a RewardModel, got {type(reward).__name__}")
         self.reward = reward
 
@@ -116,69 +127,63 @@ class SpeculativeRejectionModule(pl.LightningModule):
             self.reward.to(self.device)
 
     def predict_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
-        if not batch:  # every prompt of the batch was already written (resumed run)
+        items = [item for item in batch if self._can_generate(item)]
+        if not items:
             return []
-        prompts = [item["prompt"] for item in batch]
-        common = dict(
-            n=self.n,
-            sampling=self.sampling,
-            seed=self.seed + batch_idx + 1_000_003 * self.global_rank,
-            observer=self._observer(batch_idx),
-            chat_template=self.chat_template,
-        )
-        if self.method == "best_of_n":
-            results = best_of_n(self.generator, self.tokenizer, self.reward, prompts, **common)
-        else:
-            schedule = self.schedule if self.schedule is not None else MemorySchedule()
-            results = speculative_rejection(
-                self.generator, self.tokenizer, self.reward, prompts, alpha=self.alpha, schedule=schedule, **common
-            )
-        self._callback_hook("on_generation_end", results)
-        self._log_batch(results, batch_idx)
-        outputs = []
-        for item, result in zip(batch, results):
-            output = {
-                "id": item["id"],
-                "prompt": result.prompt,
-                "response": result.response,
-                "reward": result.reward,
-                "stats": result.stats.to_dict(),
-            }
-            if self.return_candidates:
-                output["candidates"] = [candidate.to_dict() for candidate in result.candidates]
-            outputs.append(output)
-        return outputs
+        first = batch[0].get("index", batch_idx)
+        status = _Status(self._trainer, batch_idx, len(items))
+        options = dict(n=self.n, sampling=self.sampling, seed=self.seed + first, chat_template=self.chat_template)
+        prompts = [item["prompt"] for item in items]
 
-    def _observer(self, batch_idx: int):
         def observe(event: StepEvent) -> None:
-            self._callback_hook("on_generation_step", event)
-            self._show_progress(event, batch_idx)
+            self._call_callbacks("on_generation_step", event)
+            status.update(event)
 
-        return observe
-
-    def _callback_hook(self, name: str, *args) -> None:
-        trainer = self._trainer
-        if trainer is None:
-            return
-        for callback in trainer.callbacks:
-            hook = getattr(callback, name, None)
-            if callable(hook):
-                hook(trainer, self, *args)
-
-    def _show_progress(self, event: StepEvent, batch_idx: int) -> None:
-        """Where a long generation is: on the progress bar, plus a log line per decision."""
-        status = {"round": event.round, "live": event.live_rows, "tokens": event.step}
-        bar = getattr(self._trainer, "progress_bar_callback", None) if self._trainer else None
-        predict_bar = getattr(bar, "predict_progress_bar", None)
-        if predict_bar is not None and hasattr(predict_bar, "set_postfix"):
-            predict_bar.set_postfix(status, refresh=False)
-        if event.decision:
-            log.info(
-                "batch %d: decision %d at %d tokens, %d rejected, %d rows live",
-                batch_idx, event.round, event.step, event.rejected_rows, event.live_rows,
+        if self.method == "best_of_n":
+            results = best_of_n(self.generator, self.tokenizer, self.reward, prompts, observer=observe, **options)
+        else:
+            results = speculative_rejection(
+                self.generator, self.tokenizer, self.reward, prompts,
+                alpha=self.alpha, schedule=self.schedule, observer=observe, **options,
             )
+        self._call_callbacks("on_generation_end", results)
+        self._log_batch(results, batch_idx)
+        return [self._output(item, result) for item, result in zip(items, results)]
 
-    def _log_batch(self, results, batch_idx: int) -> None:
+    def _can_generate(self, item: dict) -> bool:
+        """Whether a prompt fits the generator; if not, a warning names it and it is skipped."""
+        try:
+            length = len(encode_prompt(self.tokenizer, item["prompt"], self.chat_template))
+            context = _context_length(self.generator.config)
+            if context is not None and length >= context:
+                raise ValueError(f"it has {length} tokens, the generator's context holds {context}")
+        except (TypeError, ValueError) as error:
+            where = f" (line {item['line']})" if "line" in item else ""
+            log.warning("Skipping prompt %r%s: %s", item.get("id"), where, error)
+            return False
+        return True
+
+    def _output(self, item: dict, result: GenerationResult) -> dict:
+        output = {
+            "id": item["id"],
+            "prompt": result.prompt,
+            "response": result.response,
+            "reward": result.reward,
+            "stats": result.stats.to_dict(),
+        }
+        if self.return_candidates:
+            output["candidates"] = [candidate.to_dict() for candidate in result.candidates]
+        return output
+
+    def _call_callbacks(self, hook: str, *args: Any) -> None:
+        """Call the :class:`~lightning_sr.callbacks.GenerationHooks` method ``hook`` on callbacks."""
+        trainer = self._trainer
+        for callback in trainer.callbacks if trainer is not None else ():
+            method = getattr(callback, hook, None)
+            if callable(method):
+                method(trainer, self, *args)
+
+    def _log_batch(self, results: list[GenerationResult], batch_idx: int) -> None:
         """Per-batch summary to the loggers (``self.log`` is not allowed in predict)."""
         trainer = self._trainer
         if trainer is None or not trainer.loggers:
@@ -193,3 +198,34 @@ class SpeculativeRejectionModule(pl.LightningModule):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=batch_idx)
 
+
+class _Status:
+    """The status line of the batch being decoded: shown on the progress bar at most 4 times a
+    second (and at every decision), or logged at each decision when there is no bar."""
+
+    def __init__(self, trainer: Any, batch_idx: int, prompts: int):
+        self.trainer, self.batch_idx, self.prompts = trainer, batch_idx, prompts
+        self.start = self.shown = time.perf_counter()
+        self.tokens = 0
+
+    def update(self, event: StepEvent) -> None:
+        self.tokens += event.live_rows + event.finished_rows
+        now = time.perf_counter()
+        if now - self.shown < 0.25 and not event.decision:
+            return
+        self.shown = now
+        elapsed = now - self.start
+        status = (
+            f"{event.step} tokens · {event.live_rows} live rows · round {event.round} · "
+            f"{self.tokens / max(elapsed, 1e-9):.0f} tok/s · {elapsed:.0f}s"
+        )
+        if not (self.trainer is not None and show_status(self.trainer, status)) and event.decision:
+            log.info(
+                "batch %d: decision %d at %d tokens, %d rejected, %d rows live",
+                self.batch_idx, event.round, event.step, event.rejected_rows, event.live_rows,
+            )
+
+
+def _context_length(config: Any) -> int | None:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

@@ -21,19 +21,18 @@ from __future__ import annotations
 import copy
 from typing import Literal
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAccuracy
 
+from lightning_sr.lightning_packages import LightningModule, LRSchedulerCallable, OptimizerCallable
 from lightning_sr.loading import load_causal_lm
 from lightning_sr.losses import dpo_loss, ipo_loss, kto_loss, sequence_logprobs
 
 LOSSES = ("dpo", "ipo", "kto")
 
 
-class PreferenceModule(pl.LightningModule):
+class PreferenceModule(LightningModule):
     """Preference optimization (DPO / IPO / KTO) of ``policy`` against ``reference``.
 
     Args:

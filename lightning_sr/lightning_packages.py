@@ -1,0 +1,185 @@
+"""Our Lightning classes, written once, built for the Lightning package a program uses.
+
+Lightning ships as two packages with separate class hierarchies: the unified ``lightning``
+(``lightning.pytorch``, what most LightningCLI projects import) and ``pytorch_lightning``. A
+Trainer of one refuses the other's LightningModule, Callback or LightningDataModule, and each
+LightningCLI rejects the other's class paths. So every Lightning class of ours is written once on
+a *stand-in* base from this module (:class:`LightningModule`, :class:`LightningDataModule`,
+:class:`Callback`, :class:`BasePredictionWriter`, :class:`LightningCLI`) and built on demand as a
+subclass of that base's real class in one package by :func:`for_package`.
+
+Why not one class deriving from both packages' bases: Lightning decides which hooks a class
+implements by comparing code objects (``is_overridden``), so a class with both bases looks to one
+of the two Trainers as if it overrode every hook (``configure_sharded_model`` and
+``configure_model`` together are an error), and defining it would import both packages. Why not
+``lightning_utilities``' pick-one-at-import helpers: with both packages installed they always pick
+the same one, whatever the program imports.
+
+Which package a class is built for:
+
+1. ``$LIGHTNING_SR_PACKAGE`` (``lightning`` or ``pytorch_lightning``) when set;
+2. else the package the program imported (if it imported both, the first one, with a warning);
+3. else ``lightning`` if it is installed, else ``pytorch_lightning``.
+
+The public names (``lightning_sr.SpeculativeRejectionModule``, ``lightning_sr.callbacks.*``, ...)
+resolve by that rule when they are looked up, so a class path in a project's own LightningCLI gets
+the class of that project's package; a name imported before any Lightning package is the written
+class, which builds the right one when it is instantiated. ``lightning_sr.lightning.<Name>`` and
+``lightning_sr.pytorch_lightning.<Name>`` name one package's class explicitly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import warnings
+from importlib.util import find_spec
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+PACKAGES = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
+"""Our name of each Lightning package (as in ``$LIGHTNING_SR_PACKAGE``) and its module."""
+PACKAGE_ENV = "LIGHTNING_SR_PACKAGE"
+
+_BUILT: dict[tuple[type, str], type] = {}
+_IMPORTED_HERE: set[str] = set()  # packages this module imported (not the program)
+_WARNED_BOTH = False
+
+
+if TYPE_CHECKING:  # type checkers and IDEs see the unified package's classes
+    from lightning.pytorch import Callback, LightningDataModule, LightningModule
+    from lightning.pytorch.callbacks import BasePredictionWriter
+    from lightning.pytorch.cli import LightningCLI
+else:
+
+    class _BuildsOnDemand(type):
+        """Class attributes a written class lacks (``load_from_checkpoint``, ...) come from the
+        class built for the active package."""
+
+        def __getattr__(cls, name: str) -> Any:
+            if name.startswith("__") or cls._lightning_package is not None:
+                raise AttributeError(name)
+            return getattr(for_package(cls, active_package()), name)
+
+    class _StandIn(metaclass=_BuildsOnDemand):
+        """Base of a class written once; instantiating it builds it for the active package."""
+
+        _real_base = ""  # where the real base lives inside a Lightning package
+        _lightning_package = None  # the package a built class is built for
+
+        def __new__(cls, *args: Any, **kwargs: Any):
+            if cls._lightning_package is None:
+                cls = for_package(cls, active_package())
+            return super().__new__(cls)
+
+    class LightningModule(_StandIn):
+        """Stand-in for ``LightningModule``."""
+
+        _real_base = "LightningModule"
+
+    class LightningDataModule(_StandIn):
+        """Stand-in for ``LightningDataModule``."""
+
+        _real_base = "LightningDataModule"
+
+    class Callback(_StandIn):
+        """Stand-in for ``Callback``."""
+
+        _real_base = "Callback"
+
+    class BasePredictionWriter(Callback):
+        """Stand-in for ``callbacks.BasePredictionWriter``."""
+
+        _real_base = "callbacks.BasePredictionWriter"
+
+    class LightningCLI(_StandIn):
+        """Stand-in for ``cli.LightningCLI``."""
+
+        _real_base = "cli.LightningCLI"
+
+
+def installed_packages() -> list[str]:
+    """The Lightning packages that can be imported here, ``lightning`` first."""
+    return [name for name in PACKAGES if find_spec(name) is not None]
+
+
+def active_package() -> str:
+    """The package our classes are built for now (the rule in the module docstring)."""
+    chosen = os.environ.get(PACKAGE_ENV)
+    if chosen:
+        if chosen not in PACKAGES:
+            raise ValueError(f"${PACKAGE_ENV} must be one of {list(PACKAGES)}, got {chosen!r}")
+        return chosen
+    modules = {module: name for name, module in PACKAGES.items()}
+    imported = [modules[m] for m in list(sys.modules) if m in modules and modules[m] not in _IMPORTED_HERE]
+    if len(imported) > 1:
+        global _WARNED_BOTH
+        if not _WARNED_BOTH:
+            _WARNED_BOTH = True
+            warnings.warn(
+                f"both lightning.pytorch and pytorch_lightning are imported; lightning-sr's classes "
+                f"follow {PACKAGES[imported[0]]}, imported first. Set {PACKAGE_ENV} or use "
+                f"lightning_sr.lightning.<Name> / lightning_sr.pytorch_lightning.<Name> to choose.",
+                stacklevel=3,
+            )
+    if imported:
+        return imported[0]
+    installed = installed_packages()
+    if not installed:
+        raise ImportError("lightning-sr's Lightning classes need Lightning: pip install lightning")
+    return installed[0]
+
+
+def import_package(package: str):
+    """The package's module (``lightning.pytorch`` or ``pytorch_lightning``), imported if needed."""
+    module = PACKAGES[package]
+    if module not in sys.modules:
+        _IMPORTED_HERE.add(package)
+    return importlib.import_module(module)
+
+
+def for_package(cls: type, package: str) -> type:
+    """``cls``, written on a stand-in base, as a subclass of that base's class in ``package``.
+
+    Built once per (class, package); a class already built for a package is returned as it is.
+    """
+    if getattr(cls, "_lightning_package", None) is not None:
+        return cls
+    key = (cls, package)
+    if key not in _BUILT:
+        stand_in = next(base for base in cls.__mro__ if vars(base).get("_real_base"))
+        submodule, _, name = stand_in._real_base.rpartition(".")
+        module = import_package(package)
+        if submodule:
+            module = importlib.import_module(f"{module.__name__}.{submodule}")
+        real_base = getattr(module, name)
+        _BUILT[key] = type(
+            cls.__name__,
+            (cls, real_base),
+            {
+                "__module__": f"lightning_sr.{package}",  # where pickle finds it again
+                "__qualname__": cls.__qualname__,
+                "__doc__": cls.__doc__,
+                "_lightning_package": package,
+            },
+        )
+    return _BUILT[key]
+
+
+def resolve(cls: type) -> type:
+    """What a public name stands for now: ``cls`` built for the program's package, or ``cls``
+    itself while no Lightning package is chosen yet (it builds itself when instantiated)."""
+    if os.environ.get(PACKAGE_ENV) or any(
+        module in sys.modules and name not in _IMPORTED_HERE for name, module in PACKAGES.items()
+    ):
+        return for_package(cls, active_package())
+    return cls
+
+
+OptimizerCallable = Callable[[Iterable], Optimizer]
+"""Builds an optimizer from parameters; LightningCLI's type for an injected optimizer."""
+LRSchedulerCallable = Callable[[Optimizer], Union[LRScheduler, ReduceLROnPlateau]]
+"""Builds a learning-rate scheduler for an optimizer; LightningCLI's type for an injected scheduler."""
