@@ -18,15 +18,22 @@ The CLI runs on ``lightning`` when it is installed, else on ``pytorch_lightning`
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
+import re
 import sys
+import typing
 import warnings
 from typing import Any
 
+from jsonargparse import ArgumentParser
+from jsonargparse.typing import import_object
+
 from lightning_sr._lazy import LIGHTNING_CLASSES
-from lightning_sr.lightning_packages import LightningCLI, active_package, for_package
+from lightning_sr.lightning_packages import LightningCLI, active_package, for_package, use_package
 
 CALLBACK_SHORTCUT = "lightning_sr:"
+log = logging.getLogger(__name__)
 
 
 class LightningSRCLI(LightningCLI):
@@ -45,9 +52,47 @@ class LightningSRCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
-        if args is None or isinstance(args, (list, tuple)):
-            args = [_expand_shortcut(arg) for arg in (sys.argv[1:] if args is None else args)]
+        if args is None:  # the command line: expanded in place, as LightningCLI reads it from there
+            sys.argv[1:] = [_expand_shortcut(arg) for arg in sys.argv[1:]]
+        elif isinstance(args, (list, tuple)):
+            args = [_expand_shortcut(arg) for arg in args]
+        _nested_help(parser, sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
+
+
+_NESTED_HELP = re.compile(r"--(model|data)\.(?:init_args\.)?(\w+)\.help(?:=(.*))?")
+
+
+def _nested_help(parser: Any, args: Any) -> None:
+    """``--model.<argument>.help [CLASS]``: the help of one init argument's class, then exit.
+
+    jsonargparse lists these options for a subclass-mode ``--model`` but cannot route them, so
+    they are answered here from the model (or data) class the other arguments choose.
+    """
+    if not isinstance(args, (list, tuple)):
+        return
+    for position, arg in enumerate(args):
+        found = _NESTED_HELP.fullmatch(arg)
+        if not found:
+            continue
+        key, name, chosen = found.groups()
+        rest = list(args[:position]) + list(args[position + 1 :])
+        if chosen is None and position + 1 < len(args) and not args[position + 1].startswith("-"):
+            chosen, rest = args[position + 1], list(args[:position]) + list(args[position + 2 :])
+        config = parser.parse_args(rest)
+        section = config.get(config.get("subcommand") or "", config)
+        owner = import_object(section[key]["class_path"])
+        hint = inspect.signature(owner).parameters[name].annotation
+        hint = typing.get_type_hints(owner.__init__).get(name, hint)
+        target = import_object(chosen) if chosen else next(
+            (t for t in typing.get_args(hint) or (hint,) if inspect.isclass(t) and t is not type(None)), None
+        )
+        if target is None:
+            raise SystemExit(f"--{key}.{name} of {owner.__name__} is not a class; it has no options of its own")
+        helper = ArgumentParser(prog=f"{parser.prog} --{key}.{name}")
+        helper.add_class_arguments(target, f"{key}.{name}")
+        helper.print_help()
+        raise SystemExit(0)
 
 
 def _expand_shortcut(arg: str) -> str:
@@ -58,6 +103,41 @@ def _expand_shortcut(arg: str) -> str:
 
         value = str(config_path(value[len(CALLBACK_SHORTCUT) :]))
     return f"{head}{sep}{value}"
+
+
+def warn_inherited_init_args() -> None:
+    """Say which init args a class keeps when YAML or the command line switches its class_path.
+
+    jsonargparse carries an earlier class's init args over to a newly chosen class when the new
+    class has arguments of the same name (switching AdamW to OnDARE keeps AdamW's
+    ``weight_decay``); the values that differ from the new class's own defaults are named in a
+    warning. Wraps a jsonargparse internal; without it nothing is said.
+    """
+    from jsonargparse import _typehints
+
+    original = getattr(_typehints, "discard_init_args_on_class_path_change", None)
+    if original is None or getattr(original, "_lightning_sr", False):
+        return
+
+    def discard_and_warn(parser_or_action: Any, prev_val: Any, value: Any) -> None:
+        original(parser_or_action, prev_val, value)
+        kept = prev_val.get("init_args") if prev_val and prev_val.get("class_path") != value.get("class_path") else None
+        if not kept:
+            return
+        try:
+            given = dict(value.get("init_args") or {})
+            defaults = {k: p.default for k, p in inspect.signature(import_object(value["class_path"])).parameters.items()}
+        except Exception:  # a class that cannot be inspected: say nothing rather than fail the parse
+            return
+        inherited = {k: v for k, v in dict(kept).items() if k not in given and defaults.get(k, v) != v}
+        if inherited:
+            log.warning(
+                "%s keeps %s from %s, set before it was chosen (its own defaults differ); "
+                "set them explicitly to silence this", value["class_path"], inherited, prev_val["class_path"],
+            )
+
+    discard_and_warn._lightning_sr = True
+    _typehints.discard_init_args_on_class_path_change = discard_and_warn
 
 
 def quiet_lightning() -> None:
@@ -77,13 +157,16 @@ def _drop_tips(record: logging.LogRecord) -> bool:
 def main(args: list[str] | dict | None = None, **kwargs: Any):
     """Run the CLI (``args`` as for LightningCLI; None reads the command line) and return it."""
     quiet_lightning()
+    warn_inherited_init_args()
     defaults = dict(
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=args,
     )
-    return for_package(LightningSRCLI, active_package())(**{**defaults, **kwargs})
+    package = active_package()
+    use_package(package)
+    return for_package(LightningSRCLI, package)(**{**defaults, **kwargs})
 
 
 def run() -> None:

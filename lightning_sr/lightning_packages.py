@@ -18,8 +18,10 @@ the same one, whatever the program imports.
 Which package a class is built for:
 
 1. ``$LIGHTNING_SR_PACKAGE`` (``lightning`` or ``pytorch_lightning``) when set;
-2. else the package the program imported (if it imported both, the first one, with a warning);
-3. else ``lightning`` if it is installed, else ``pytorch_lightning``.
+2. else the package chosen with :func:`use_package` (the ``lightning-sr`` command chooses the one
+   it runs on);
+3. else the package the program imported (if it imported both, the first one, with a warning);
+4. else ``lightning`` if it is installed, else ``pytorch_lightning``.
 
 The public names (``lightning_sr.SpeculativeRejectionModule``, ``lightning_sr.callbacks.*``, ...)
 resolve by that rule when they are looked up, so a class path in a project's own LightningCLI gets
@@ -46,6 +48,7 @@ PACKAGE_ENV = "LIGHTNING_SR_PACKAGE"
 
 _BUILT: dict[tuple[type, str], type] = {}
 _IMPORTED_HERE: set[str] = set()  # packages this module imported (not the program)
+_CHOSEN: list[str] = []  # set by use_package
 _WARNED_BOTH = False
 
 
@@ -101,9 +104,16 @@ else:
         _real_base = "cli.LightningCLI"
 
 
+def use_package(package: str) -> None:
+    """Make our classes follow ``package`` in this process, whatever is imported (our CLI does)."""
+    if package not in PACKAGES:
+        raise ValueError(f"package must be one of {list(PACKAGES)}, got {package!r}")
+    _CHOSEN[:] = [package]
+
+
 def installed_packages() -> list[str]:
     """The Lightning packages that can be imported here, ``lightning`` first."""
-    return [name for name in PACKAGES if find_spec(name) is not None]
+    return [name for name in PACKAGES if sys.modules.get(name, ...) is not None and find_spec(name) is not None]
 
 
 def active_package() -> str:
@@ -113,8 +123,10 @@ def active_package() -> str:
         if chosen not in PACKAGES:
             raise ValueError(f"${PACKAGE_ENV} must be one of {list(PACKAGES)}, got {chosen!r}")
         return chosen
+    if _CHOSEN:
+        return _CHOSEN[0]
     modules = {module: name for name, module in PACKAGES.items()}
-    imported = [modules[m] for m in list(sys.modules) if m in modules and modules[m] not in _IMPORTED_HERE]
+    imported = [modules[m] for m in _imported_by_program()]
     if len(imported) > 1:
         global _WARNED_BOTH
         if not _WARNED_BOTH:
@@ -131,6 +143,12 @@ def active_package() -> str:
     if not installed:
         raise ImportError("lightning-sr's Lightning classes need Lightning: pip install lightning")
     return installed[0]
+
+
+def _imported_by_program() -> list[str]:
+    """Modules of the Lightning packages the program imported, in import order (not ours)."""
+    ours = {PACKAGES[name] for name in _IMPORTED_HERE}
+    return [m for m, value in list(sys.modules.items()) if m in PACKAGES.values() and value is not None and m not in ours]
 
 
 def import_package(package: str):
@@ -172,9 +190,7 @@ def for_package(cls: type, package: str) -> type:
 def resolve(cls: type) -> type:
     """What a public name stands for now: ``cls`` built for the program's package, or ``cls``
     itself while no Lightning package is chosen yet (it builds itself when instantiated)."""
-    if os.environ.get(PACKAGE_ENV) or any(
-        module in sys.modules and name not in _IMPORTED_HERE for name, module in PACKAGES.items()
-    ):
+    if os.environ.get(PACKAGE_ENV) or _CHOSEN or _imported_by_program():
         return for_package(cls, active_package())
     return cls
 

@@ -30,8 +30,9 @@ class LightningPackage:
 @pytest.fixture(autouse=True)
 def _one_lightning_package(monkeypatch):
     """Both packages are imported in this process: our classes follow ``lightning`` unless a test
-    asks for the ``L`` matrix below."""
+    asks for the ``L`` matrix below. pytest's own options are not the CLI's command line."""
     monkeypatch.setenv(PACKAGE_ENV, "lightning")
+    monkeypatch.setattr(sys, "argv", ["lightning-sr"])
 
 
 @pytest.fixture(params=list(PACKAGES))

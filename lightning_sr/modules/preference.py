@@ -43,7 +43,11 @@ class PreferenceModule(LightningModule):
         beta: the KL-penalty strength of the loss.
         label_smoothing: DPO's ``eps`` (probability that a preference label is wrong).
         desirable_weight, undesirable_weight: KTO's class weights.
-        optimizer: builds the optimizer from the policy's trainable parameters.
+        optimizer: builds the optimizer from the policy's trainable parameters (from YAML:
+            ``class_path`` + ``init_args``, e.g. ``lightning_sr.optim.OnDARE``). None is
+            ``torch.optim.AdamW(lr=1e-6)``, the paper's DPO learning rate; None rather than an
+            AdamW default so that choosing another class from YAML starts from that class's own
+            defaults.
         scheduler: optional learning-rate scheduler, stepped every optimizer step.
         base_model: the pre-trained base the SFT model was fine-tuned from (name, path or model);
             when set, ``optimizer.set_base(policy, base)`` is called in ``configure_optimizers`` so
@@ -61,7 +65,7 @@ class PreferenceModule(LightningModule):
         label_smoothing: float = 0.0,
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
+        optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         base_model: str | nn.Module | None = None,
         dtype: str | None = "float32",
@@ -131,7 +135,7 @@ class PreferenceModule(LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = self.optimizer(params)
+        optimizer = self.optimizer(params) if self.optimizer is not None else torch.optim.AdamW(params, lr=1e-6)
         if self._specs["base"] is not None:
             if not callable(getattr(optimizer, "set_base", None)):
                 raise TypeError(

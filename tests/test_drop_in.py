@@ -1,0 +1,241 @@
+"""Our classes dropped into a project's own LightningCLI, with either Lightning package.
+
+The project here is the test's own: a LightningModule written against one package (``L``), run
+by that package's own ``LightningCLI``, not ours. Subprocess tests check the package choice with
+only one package importable, and the order of imports a program may use.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from lightning_sr.testing import make_tokenizer, save_tiny_generator, save_tiny_reward, tiny_llama
+from torch.utils.data import DataLoader
+
+from lightning_sr.callbacks import config_path
+from lightning_sr.callbacks.merging import OnlineMerging
+from lightning_sr.cli import main
+from lightning_sr.lightning_packages import PACKAGE_ENV
+from lightning_sr.optim import OnDARE
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = len(make_tokenizer())
+
+
+def project_module(L, injected: bool):
+    """A project's LightningModule around a tiny Llama: ``configure_optimizers`` hard-codes AdamW,
+    or (``injected``) calls an ``OptimizerCallable`` argument, the LightningCLI pattern."""
+
+    class Project(L.LightningModule):
+        def __init__(self, lr: float = 1e-3):
+            super().__init__()
+            self.lr = lr
+            self.policy = tiny_llama(seed=0).train()
+
+        def training_step(self, batch, batch_idx):
+            return self.policy(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.policy.parameters(), lr=self.lr)
+
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            return DataLoader([torch.randint(4, VOCAB, (6,), generator=g) for _ in range(4)], batch_size=2)
+
+    if not injected:
+        return Project
+
+    OptimizerCallable = L.sub("cli").OptimizerCallable
+
+    class InjectedProject(Project):
+        def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW):
+            super().__init__()
+            self.optimizer = optimizer
+
+        def configure_optimizers(self):
+            return self.optimizer(self.policy.parameters())
+
+    return InjectedProject
+
+
+def run_project_cli(L, model_class, tmp_path, *args):
+    trainer = ("--trainer.max_steps=2", "--trainer.accelerator=cpu", "--trainer.logger=false",
+               "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+               f"--trainer.default_root_dir={tmp_path}")
+    return L.sub("cli").LightningCLI(
+        model_class, run=False, save_config_callback=None, seed_everything_default=0, args=[*trainer, *args]
+    )
+
+
+@pytest.mark.parametrize("route", ["hard-coded AdamW, --optimizer", "injected optimizer"])
+def test_ondare_with_online_merging_from_config_alone(L, tmp_path, route):
+    base = save_tiny_generator(tmp_path / "base", seed=1)
+    injected = route == "injected optimizer"
+    optimizer = "--model.optimizer" if injected else "--optimizer"
+    cli = run_project_cli(
+        L, project_module(L, injected), tmp_path,
+        f"{optimizer}=OnDARE", f"{optimizer}.lr=1e-6", f"{optimizer}.keep_rate=0.5", f"{optimizer}.merge_weight=1e-3",
+        f"--trainer.callbacks+={config_path('online_merging')}", f"--trainer.callbacks.base_model={base}",
+    )
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, OnlineMerging))
+    assert isinstance(callback, L.Callback)
+    cli.trainer.fit(cli.model)
+    optimizer = cli.trainer.optimizers[0]
+    assert isinstance(optimizer, OnDARE) and optimizer.defaults["merge_weight"] == 1e-3
+    if not injected:  # LightningCLI's --optimizer starts from OnDARE's own defaults
+        assert optimizer.defaults["weight_decay"] == 0.0
+    report = callback.reports[0]
+    assert "policy.model.layers.0.self_attn.q_proj.weight" in report.matched and report.kept > 0
+    assert optimizer.state[cli.model.policy.lm_head.weight]["step"] == 2
+
+
+def test_base_model_from_a_checkpoint_of_the_same_project(L, tmp_path):
+    first = run_project_cli(L, project_module(L, injected=False), tmp_path / "sft")
+    first.trainer.fit(first.model)
+    ckpt = tmp_path / "sft.ckpt"
+    first.trainer.save_checkpoint(ckpt)
+    cli = run_project_cli(
+        L, project_module(L, injected=False), tmp_path,
+        "--optimizer=OnDARE", "--optimizer.keep_rate=1.0", "--optimizer.merge_weight=0.5",
+        "--trainer.callbacks+=lightning_sr.callbacks.OnlineMerging", f"--trainer.callbacks.base_model={ckpt}",
+    )
+    before = cli.model.policy.lm_head.weight.detach().clone()
+    cli.trainer.fit(cli.model)
+    state = cli.trainer.optimizers[0].state[cli.model.policy.lm_head.weight]
+    tau = (before - first.model.policy.lm_head.weight.detach()).reshape(-1)  # keep_rate 1: τ̃ = τ
+    torch.testing.assert_close(state["tau_val"], tau[state["tau_idx"].long()])
+
+
+def test_speculative_rejection_predict_in_a_projects_cli(L, tmp_path):
+    generator, reward = save_tiny_generator(tmp_path / "g"), save_tiny_reward(tmp_path / "r")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(["thanks", "hi you"])))
+    output = tmp_path / "predictions.jsonl"
+    L.sub("cli").LightningCLI(
+        args=[
+            "predict", "--model=lightning_sr.SpeculativeRejectionModule", f"--model.generator={generator}",
+            f"--model.reward_model={reward}", "--model.n=4", "--model.schedule=FixedSchedule",
+            "--model.schedule.lengths=[2]", "--model.sampling.max_new_tokens=4",
+            "--data=lightning_sr.data.PromptDataModule", f"--data.path={prompts}",
+            "--trainer.callbacks+=lightning_sr.callbacks.JSONLPredictionWriter",
+            f"--trainer.callbacks.output_path={output}", "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
+        ],
+        seed_everything_default=0, save_config_callback=None,
+    )
+    assert [json.loads(line)["id"] for line in output.read_text().splitlines()] == [0, 1]
+
+
+def test_our_cli_runs_a_projects_module_and_resolves_short_names(L, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lightning-sr", "fit", "--model.help", "SpeculativeRejectionModule"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0
+
+
+def test_nested_help_of_an_init_argument(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["predict", f"--config={ROOT / 'configs' / 'predict_sr.yaml'}", "--model.sampling.help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model.sampling.max_new_tokens" in out and "--model.sampling.temperature" in out
+
+
+def test_switching_the_optimizer_class_says_which_values_it_keeps(tmp_path, caplog):
+    config = ROOT / "configs" / "fit_dpo_adamw.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", f"--config={config}", "--model.optimizer=lightning_sr.optim.OnDARE", "--print_config"])
+    assert "OnDARE keeps {'lr': 5e-06} from torch.optim.AdamW" in caplog.text
+
+
+def test_callback_shortcut_names_a_shipped_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", f"--config={ROOT / 'configs' / 'fit_dpo_adamw.yaml'}", "--trainer.callbacks+=lightning_sr:memory",
+              "--print_config"])
+    assert "class_path: lightning_sr.callbacks.GPUMemoryProfiler" in capsys.readouterr().out
+    from lightning_sr.cli import _expand_shortcut
+
+    assert _expand_shortcut("--trainer.callbacks+=lightning_sr:memory") == f"--trainer.callbacks+={config_path('memory')}"
+    assert _expand_shortcut("lightning_sr:predictions") == str(config_path("predictions"))
+    assert _expand_shortcut("--data.path=prompts.jsonl") == "--data.path=prompts.jsonl"
+    with pytest.raises(FileNotFoundError, match="choose one of \\['memory', 'online_merging', 'predictions'\\]"):
+        _expand_shortcut("--trainer.callbacks+=lightning_sr:nope")
+
+
+# ---------------------------------------------------------------- one package, import order
+
+BLOCK = "import sys; sys.modules[{name!r}] = None  # as if {name} were not installed\n"
+
+
+def python(code: str, block: str | None = None, env: dict | None = None) -> str:
+    prelude = BLOCK.format(name=block) if block else ""
+    environment = {k: v for k, v in __import__("os").environ.items() if k != PACKAGE_ENV}
+    done = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
+        env={**environment, **(env or {})}, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize("blocked, expected", [("lightning", "pytorch_lightning"), ("pytorch_lightning", "lightning")])
+def test_with_one_package_installed_everything_uses_it(blocked, expected):
+    out = python(
+        """
+        import lightning_sr
+        from lightning_sr.callbacks import GPUMemoryProfiler
+        from lightning_sr.data import PromptDataModule
+        from lightning_sr.lightning_packages import active_package
+        module = lightning_sr.SpeculativeRejectionModule(n=2)
+        print(active_package(), type(module).__module__, type(GPUMemoryProfiler()).__module__,
+              type(PromptDataModule.__new__(PromptDataModule)).__module__)
+        """,
+        block=blocked,
+    )
+    assert out == " ".join([expected] + [f"lightning_sr.{expected}"] * 3)
+
+
+def test_our_cli_runs_on_the_only_installed_package():
+    out = python(
+        """
+        import sys
+        from lightning_sr.cli import main
+        sys.argv = ["lightning-sr", "fit", "--print_config", "--model=PreferenceModule", "--model.policy=x",
+                    "--data=PreferenceDataModule", "--data.path=x", "--data.tokenizer=x"]
+        try:
+            main()
+        except SystemExit:
+            pass
+        import lightning_sr
+        print("lightning.pytorch" in sys.modules, lightning_sr.PreferenceModule.__module__)
+        """,
+        block="lightning",
+    )
+    assert out.splitlines()[-1] == "False lightning_sr.pytorch_lightning"
+
+
+@pytest.mark.parametrize(
+    "program, expected",
+    [
+        ("import pytorch_lightning as pl\nfrom lightning_sr import SpeculativeRejectionModule", "pytorch_lightning"),
+        ("import lightning as L\nfrom lightning_sr import SpeculativeRejectionModule", "lightning"),
+        # isort order: our import first, the Lightning package after it; the class is chosen when used
+        ("from lightning_sr import SpeculativeRejectionModule\nimport pytorch_lightning as pl", "pytorch_lightning"),
+        ("from lightning_sr import SpeculativeRejectionModule", "lightning"),  # nothing imported: lightning
+    ],
+)
+def test_with_both_installed_our_classes_follow_the_programs_import(program, expected):
+    out = python(program + "\nprint(type(SpeculativeRejectionModule(n=2)).__module__)")
+    assert out == f"lightning_sr.{expected}"
+
+
+def test_the_environment_variable_chooses_the_package():
+    out = python(
+        "import lightning\nfrom lightning_sr.callbacks import GPUMemoryProfiler\nprint(type(GPUMemoryProfiler()).__module__)",
+        env={PACKAGE_ENV: "pytorch_lightning"},
+    )
+    assert out == "lightning_sr.pytorch_lightning"
