@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_sr.chat import encode_exchange
+from lightning_sr.data.loaders import training_loader
 from lightning_sr.jsonl import read_objects
 from lightning_sr.lightning_packages import LightningDataModule
 from lightning_sr.loading import load_tokenizer
@@ -255,12 +256,12 @@ class PreferenceDataModule(LightningDataModule):
         return PreferenceCollator(pad_id, self.max_length, self.padding_side)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        return training_loader(
             self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
+            self.batch_size,
+            self.seed,
+            self._collator(),
             num_workers=self.num_workers,
-            collate_fn=self._collator(),
             # A last batch of one pair would give KTO no mismatched pair for its KL estimate.
             drop_last=self.batch_size > 1 and len(self.train_set) % self.batch_size == 1,
         )
