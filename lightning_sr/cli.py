@@ -20,17 +20,20 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import os
 import re
 import sys
+import traceback
 import typing
 import warnings
+from argparse import ArgumentError
 from typing import Any
 
 from jsonargparse import ArgumentParser
 from jsonargparse.typing import import_object
 
 from lightning_sr._lazy import LIGHTNING_CLASSES
-from lightning_sr.lightning_packages import LightningCLI, active_package, for_package, use_package
+from lightning_sr.lightning_packages import LightningCLI, active_package, for_package, import_package, use_package
 
 CALLBACK_SHORTCUT = "lightning_sr:"
 log = logging.getLogger(__name__)
@@ -50,6 +53,17 @@ class LightningSRCLI(LightningCLI):
                 for_package(getattr(importlib.import_module(module), name), self._lightning_package)
         importlib.import_module("lightning_sr.optim")  # OnDARE, OnTIES by short name
         return super().init_parser(**kwargs)
+
+    def before_fit(self) -> None:
+        """Say up front when a short run will validate or checkpoint nothing, and why."""
+        trainer, steps = self.trainer, self.trainer.max_steps
+        interval = trainer.val_check_interval
+        if steps > 0 and isinstance(interval, int) and interval > steps:
+            log.warning("No validation will run: val_check_interval=%d > max_steps=%d", interval, steps)
+        for callback in trainer.checkpoint_callbacks:
+            every = getattr(callback, "_every_n_train_steps", 0)
+            if steps > 0 and every > steps:
+                log.warning("No checkpoint will be written: every_n_train_steps=%d > max_steps=%d", every, steps)
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         if args is None:  # the command line: expanded in place, as LightningCLI reads it from there
@@ -154,19 +168,63 @@ def _drop_tips(record: logging.LogRecord) -> bool:
     return not str(record.getMessage()).startswith("💡")
 
 
+USER_ERRORS = (ValueError, TypeError, LookupError, OSError, ImportError, ArgumentError)
+"""What bad input raises: reported in a few lines, not as a traceback (``--verbose`` shows it)."""
+
+
 def main(args: list[str] | dict | None = None, **kwargs: Any):
-    """Run the CLI (``args`` as for LightningCLI; None reads the command line) and return it."""
-    quiet_lightning()
+    """Run the CLI (``args`` as for LightningCLI; None reads the command line) and return it.
+
+    Bad input (an invalid option value, a missing file, a model that cannot be found) ends with a
+    short message naming it and exit status 1; ``--verbose`` anywhere on the command line, or
+    ``LIGHTNING_SR_VERBOSE=1``, shows the full traceback instead.
+    """
+    command_line = sys.argv if args is None else args
+    verbose = os.environ.get("LIGHTNING_SR_VERBOSE", "") not in ("", "0")
+    if isinstance(command_line, list) and "--verbose" in command_line:
+        command_line.remove("--verbose")
+        verbose = True
     warn_inherited_init_args()
     defaults = dict(
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},
         args=args,
     )
     package = active_package()
     use_package(package)
-    return for_package(LightningSRCLI, package)(**{**defaults, **kwargs})
+    import_package(package)
+    quiet_lightning()  # after the import: Lightning sets up its log handlers then
+    try:
+        return for_package(LightningSRCLI, package)(**{**defaults, **kwargs})
+    except USER_ERRORS as error:
+        if verbose:
+            raise
+        raise SystemExit(f"lightning-sr: {short_message(error)}\n(the whole story: add --verbose)") from None
+
+
+def short_message(error: BaseException) -> str:
+    """The message that names the problem, out of jsonargparse's wrapping of it.
+
+    jsonargparse wraps an error raised while parsing or building a class in several layers
+    ("Does not validate against any of the Union subtypes ... Given value: Namespace(...)"); the
+    innermost error raised by our own code, else the innermost one, says what is wrong.
+    """
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    ours = [e for e in chain if _raised_in(e, "lightning_sr")]
+    named = [e for prefix in ("Problem with given class_path", 'Parser key "') for e in chain if str(e).startswith(prefix)]
+    chosen = ours[-1] if ours else named[0] if named else chain[-1]
+    lines = [line for line in str(chosen).splitlines() if not line.lstrip().startswith(("Given value", "Subtypes:"))]
+    return "\n".join(lines[:8]) or type(chosen).__name__
+
+
+def _raised_in(error: BaseException, package: str) -> bool:
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and f"{os.sep}{package}{os.sep}" in frames[-1].filename
 
 
 def run() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_sr.assets import resolve_model
+from lightning_sr.assets import EMBEDDED_MODELS, resolve_model
 
 
 def torch_dtype(dtype: Any) -> Any:
@@ -44,6 +44,20 @@ def quiet_transformers():
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def check_source(source: Any, what: str) -> None:
+    """Fail early, naming ``what``, when a source is a local path that does not exist.
+
+    A name shaped like a hub id (``org/name``) or an embedded name cannot be checked offline and
+    passes; anything that can only be a path (``./x``, ``/x``, ``~/x``, ``a/b/c``) must exist.
+    """
+    if not isinstance(source, (str, Path)) or str(source) in EMBEDDED_MODELS:
+        return
+    text = str(source)
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    if looks_local and not Path(text).expanduser().exists():
+        raise FileNotFoundError(f"{what}: {text!r} is not a folder or file that exists (nor a hub id)")
 
 
 def load_causal_lm(source: str | nn.Module, dtype: Any = None, **kwargs) -> nn.Module:

@@ -22,6 +22,7 @@ from lightning_sr.callbacks.predictions import JSONLPredictionWriter
 from lightning_sr.cli import main
 from lightning_sr.data.prompts import PromptDataModule, read_prompts
 from lightning_sr.generation import FixedSchedule, SamplingParams
+from lightning_sr.lightning_packages import Callback as LightningCallback
 from lightning_sr.modules.generation import SpeculativeRejectionModule
 from lightning_sr.rewards import FunctionReward
 
@@ -305,3 +306,28 @@ def test_outputs_are_strict_json_and_non_finite_numbers_are_counted(L, tmp_path,
     records = [json.loads(line, parse_constant=refuse) for line in lines]
     assert [r["reward"] for r in records] == [None, None]
     assert "2 non-finite numbers (NaN/inf) written as null" in capsys.readouterr().out
+
+
+class _BarWatcher(LightningCallback):
+    """Reads what the predict progress bar shows while a batch decodes."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_generation_step(self, trainer, pl_module, event):
+        bar = trainer.progress_bar_callback
+        if getattr(bar, "_predict_progress_bar", None) is not None:
+            self.seen.append(str(bar._predict_progress_bar.postfix))
+        else:
+            self.seen.append(bar.progress.tasks[bar.predict_progress_bar_id].description)
+
+
+@pytest.mark.parametrize("bar", ["TQDMProgressBar", "RichProgressBar"])
+def test_the_progress_bar_moves_while_a_batch_decodes(L, tmp_path, models, prompt_file, bar):
+    watcher = _BarWatcher()
+    module = small_module(models, schedule=FixedSchedule([3, 6]))
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[getattr(L.sub("callbacks"), bar)(), watcher])
+    trainer.predict(module, datamodule=PromptDataModule(str(prompt_file), batch_size=4), return_predictions=False)
+    shown = [text for text in watcher.seen if "tok/s" in text]
+    assert shown, watcher.seen[:5]
+    assert any("live rows" in text and "round 1" in text for text in shown)  # after the first decision

@@ -20,7 +20,7 @@ from lightning_sr.generation import (
     speculative_rejection,
 )
 from lightning_sr.lightning_packages import LightningModule
-from lightning_sr.loading import load_causal_lm, load_tokenizer, torch_dtype
+from lightning_sr.loading import check_source, load_causal_lm, load_tokenizer, torch_dtype
 from lightning_sr.rewards import HFRewardModel, RewardModel
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,9 @@ class SpeculativeRejectionModule(LightningModule):
             raise ValueError(f"n must be a positive integer or 'auto', got {n!r}")
         if n == "auto" and (method == "best_of_n" or alpha == 0):
             raise ValueError("n='auto' sizes n from the memory budget, which only rejection keeps: give n for Best-of-N")
-        torch_dtype(dtype)  # a bad name fails here, before any model loads
+        torch_dtype(dtype)  # bad names and missing folders fail here, before any model loads
+        for name, source in (("generator", generator), ("reward_model", reward_model), ("tokenizer", tokenizer)):
+            check_source(source, name)
         objects = {"generator": generator, "reward_model": reward_model, "tokenizer": tokenizer}
         self.save_hyperparameters(ignore=[name for name, value in objects.items() if not isinstance(value, (str, type(None)))])
         # A plain dict, so that model objects given here are not registered as submodules.
