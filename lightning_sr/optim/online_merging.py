@@ -31,9 +31,11 @@ How it runs (see the README):
   CUDA random kernels size their grid by the multiprocessor count). On the CPU the kept set is drawn
   as geometric gaps (O(p·n) work, no dense mask) and Δ is computed only there; on a GPU a dense
   Bernoulli mask is drawn on the device and applied to the dense Δ, with no host round trip.
-- OnTIES ranks |Δ| densely and selects its top-k with a sampled threshold plus ``torch.topk`` on
-  the candidates (CPU) or with ``torch.topk`` (GPU), never a full sort; the sign election finds
-  the overlap of the two sorted index sets with ``searchsorted``, again without a host sync.
+- OnTIES ranks every |Δ| and keeps the exact top-k, never with a full sort: on the CPU a sampled
+  threshold, then one chunked pass that computes |Δ| and collects the candidates above it, then
+  ``torch.topk`` on those; on a GPU ``torch.topk``. Δ itself is computed only at the kept
+  coordinates. The sign election finds the overlap of the two sorted index sets with
+  ``searchsorted``, without a host sync.
 - Half-precision parameters get fp32 master weights and fp32 moments in the state (α·τ̃ per step
   is far below bf16 resolution); the master copy is authoritative, so load new weights before
   the first step.
@@ -73,7 +75,9 @@ from lightning_sr.optim.sparsify import (
     bernoulli_indices,
     bernoulli_mask,
     index_dtype,
+    kept_count,
     magnitude_indices,
+    top_indices,
 )
 
 __all__ = ["OnDARE", "OnTIES", "OnlineMergingOptimizer", "BaseMatch", "align_names"]
@@ -460,10 +464,11 @@ class _AdamDelta:
         self.exp_avg, self.exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         self.step_size, self.bc2_sqrt, self.eps = step_size, bias_correction2_sqrt, eps
 
-    def dense_magnitude(self) -> torch.Tensor:
-        """``|Δ| / step_size = |m| / (√v̂ + eps)``: ranks like |Δ| at one pass less than ``dense``."""
-        denom = self.exp_avg_sq.sqrt().div_(self.bc2_sqrt).add_(self.eps)
-        return torch.div(self.exp_avg, denom, out=denom).abs_()
+    def magnitude(self, part: slice) -> torch.Tensor:
+        """``|Δ| / step_size = |m| / (√v̂ + eps)`` at ``part`` of the flat parameter: ranks like
+        |Δ| at one pass less than ``dense``."""
+        denom = self.exp_avg_sq.view(-1)[part].sqrt().div_(self.bc2_sqrt).add_(self.eps)
+        return torch.div(self.exp_avg.view(-1)[part], denom, out=denom).abs_()
 
     def dense(self) -> torch.Tensor:
         denom = self.exp_avg_sq.sqrt().div_(self.bc2_sqrt).add_(self.eps)
@@ -623,9 +628,10 @@ class OnTIES(OnlineMergingOptimizer):
 
     def _merge(self, flat, adam, accumulated, state, group):
         alpha, keep_rate = group["merge_weight"], group["keep_rate"]
-        if accumulated is None and keep_rate < 1 and int(keep_rate * flat.numel()) >= 1:
+        k = kept_count(flat.numel(), keep_rate)
+        if accumulated is None and k is not None:
             # Only the kept coordinates of Δ are needed: rank by |Δ|, then compute Δ there.
-            top = magnitude_indices(adam.dense_magnitude(), keep_rate, absolute=True)
+            top = top_indices(adam.magnitude, flat.numel(), k, flat.device)
             delta, values = None, adam.at(top)
         else:
             delta = adam.dense().view(-1)

@@ -8,14 +8,16 @@ random drop is drawn as a dense mask on the device instead:
   (paper Eq. 3, ``F_R``), on the CPU in O(p·n) work by sampling the gaps between kept positions;
 - :func:`bernoulli_mask` draws the same distribution as a dense boolean mask on the generator's
   device, in one kernel and without a host sync (for GPUs);
-- :func:`magnitude_indices` keeps the ⌊p·n⌋ largest magnitudes (TIES' top-k drop): on the CPU by a
-  sampled threshold and ``torch.topk`` on the few candidates, on an accelerator by ``torch.topk``
-  (no host sync); never a full sort of the tensor.
+- :func:`magnitude_indices` / :func:`top_indices` keep the ⌊p·n⌋ largest magnitudes (TIES' top-k
+  drop): on the CPU by a sampled threshold, one chunked pass that computes the magnitudes and
+  collects candidates, and ``torch.topk`` on the few candidates; on an accelerator by
+  ``torch.topk`` (no host sync); never a full sort of the tensor.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -23,6 +25,7 @@ __all__ = [
     "MIN_KEEP_RATE",
     "bernoulli_indices",
     "bernoulli_mask",
+    "kept_count",
     "magnitude_indices",
     "top_indices",
     "index_dtype",
@@ -78,47 +81,61 @@ def bernoulli_mask(numel: int, keep_rate: float, generator: torch.Generator) -> 
     return mask.bernoulli_(keep_rate, generator=generator)
 
 
-def magnitude_indices(values: torch.Tensor, keep_rate: float, absolute: bool = False) -> torch.Tensor | None:
-    """Flat indices (sorted, int64) of the ⌊keep_rate·numel⌋ largest ``|values|``.
-
-    Returns ``None`` when nothing is dropped: ``keep_rate >= 1`` or ⌊p·n⌋ = 0 (the authors' rule:
-    a top-k that would keep nothing keeps everything). Pass ``absolute=True`` when ``values`` are
-    already magnitudes. Never sorts the tensor: see :func:`top_indices`.
-    """
-    numel = values.numel()
+def kept_count(numel: int, keep_rate: float) -> int | None:
+    """⌊keep_rate·numel⌋, the size of TIES' top-k, or ``None`` when nothing is dropped:
+    ``keep_rate >= 1`` or ⌊p·n⌋ = 0 (the authors' rule: a top-k that would keep nothing keeps
+    everything)."""
     k = int(keep_rate * numel)
-    if keep_rate >= 1.0 or k < 1:
+    return None if keep_rate >= 1.0 or k < 1 else k
+
+
+def magnitude_indices(values: torch.Tensor, keep_rate: float) -> torch.Tensor | None:
+    """Flat indices (sorted, int64) of the ⌊keep_rate·numel⌋ largest ``|values|``, or ``None``
+    when nothing is dropped (see :func:`kept_count`). Never sorts the tensor: see :func:`top_indices`.
+    """
+    k = kept_count(values.numel(), keep_rate)
+    if k is None:
         return None
     flat = values.reshape(-1)
-    return top_indices(flat if absolute else flat.abs(), k)
+    return top_indices(lambda part: flat[part].abs(), flat.numel(), k, flat.device)
 
 
-_SAMPLE = 32768
+_SAMPLE = 32768  # elements in the strided sample that sets the candidate threshold
+_CHUNK = 1 << 18  # elements per chunk of the candidate pass: its temporaries stay in the cache
 
 
-def top_indices(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted indices of the ``k`` largest entries of a flat, non-negative tensor.
+def top_indices(
+    magnitude_at: Callable[[slice], torch.Tensor], numel: int, k: int, device: torch.device
+) -> torch.Tensor:
+    """Sorted indices of the ``k`` largest of ``numel`` non-negative magnitudes (``k <= numel``).
 
-    Exact. On an accelerator this is ``torch.topk`` (k is known on the host, so nothing waits
-    for the device). On the CPU, for large n and small k, it is faster than ``topk`` on the whole
-    tensor (``topk`` of 1% of 25M elements costs ~10 element-wise passes): a strided sample's
-    quantile gives a threshold that about 2k entries exceed, one comparison pass collects those
-    candidates (in index order), and ``topk`` runs on the candidates only. If the sample
-    misjudged the threshold (fewer than k candidates), it falls back to ``topk`` on everything.
-    Tied magnitudes at the k-th value are resolved in an implementation-defined order, as with
-    ``topk``.
+    ``magnitude_at(part)`` returns the magnitudes at ``part``, a slice of the flat index range:
+    computing them where they are needed lets the CPU path fuse their computation with the
+    selection, chunk by chunk, instead of writing and re-reading a dense tensor. Exact.
+
+    On an accelerator this is ``torch.topk`` of the dense magnitudes (k is known on the host, so
+    nothing waits for the device). On the CPU, for large n and small k, it is much faster than
+    ``topk`` (``topk`` of 1% of 25M elements costs ~10 element-wise passes): a strided sample's
+    quantile gives a threshold that about 2k entries exceed; one pass over chunks computes the
+    magnitudes and collects those candidates (in index order), and ``topk`` runs on the
+    candidates only. If the sample misjudged the threshold (fewer than k candidates), it falls
+    back to ``topk`` on everything. Tied magnitudes at the k-th value are resolved in an
+    implementation-defined order, as with ``topk``.
     """
-    n = magnitudes.numel()
-    if k >= n:
-        return torch.arange(n, device=magnitudes.device)
-    if magnitudes.device.type == "cpu" and n >= 8 * _SAMPLE and 16 * k <= n:
-        sample = magnitudes[:: n // _SAMPLE].contiguous()
-        rank = max(1, int(sample.numel() * (1 - 2 * k / n)))
+    if device.type == "cpu" and numel >= 8 * _SAMPLE and 16 * k <= numel:
+        sample = magnitude_at(slice(0, numel, numel // _SAMPLE))
+        rank = max(1, int(sample.numel() * (1 - 2 * k / numel)))
         threshold = torch.kthvalue(sample, rank).values
-        candidates = (magnitudes >= threshold).nonzero().squeeze(1)
+        indices, values = [], []
+        for start in range(0, numel, _CHUNK):
+            part = magnitude_at(slice(start, start + _CHUNK))
+            hits = (part >= threshold).nonzero().squeeze(1)
+            values.append(part[hits])
+            indices.append(hits.add_(start))
+        candidates = torch.cat(indices)
         if candidates.numel() >= k:
-            chosen = torch.topk(magnitudes[candidates], k, sorted=False).indices
-            keep = torch.zeros(candidates.numel(), dtype=torch.bool, device=candidates.device)
+            chosen = torch.topk(torch.cat(values), k, sorted=False).indices
+            keep = torch.zeros(candidates.numel(), dtype=torch.bool)
             keep[chosen] = True
             return candidates[keep]
-    return torch.topk(magnitudes, k, sorted=False).indices.sort().values
+    return torch.topk(magnitude_at(slice(None)), k, sorted=False).indices.sort().values
