@@ -27,10 +27,10 @@ How it runs (see the README):
 - τ̃ is stored sparse, as sorted flat indices and values, computed once by :meth:`set_base`.
 - OnDARE's masks come from a ``torch.Generator`` on the parameter's device, seeded from ``seed``
   and the parameter's position, whose state lives in the optimizer state: every data-parallel
-  rank draws the same masks and a resumed run continues exactly (on GPUs of the same model: torch's
-  CUDA random kernels size their grid by the multiprocessor count). On the CPU the kept set is drawn
-  as geometric gaps (O(p·n) work, no dense mask) and Δ is computed only there; on a GPU a dense
-  Bernoulli mask is drawn on the device and applied to the dense Δ, with no host round trip.
+  rank draws the same masks and a resumed run continues exactly (on GPUs of one model: torch's
+  CUDA random kernels size their grid by the multiprocessor count). On the CPU the kept set is
+  drawn as geometric gaps (O(p·n) work, no dense mask) and Δ is computed only there; on a GPU a
+  dense Bernoulli mask is drawn on the device and applied to the dense Δ, no host round trip.
 - OnTIES ranks every |Δ| and keeps the exact top-k, never with a full sort: on the CPU a sampled
   threshold, then one chunked pass that computes |Δ| and collects the candidates above it, then
   ``torch.topk`` on those; on a GPU ``torch.topk``. Δ itself is computed only at the kept
@@ -43,7 +43,7 @@ How it runs (see the README):
 Deliberate differences from the authors' code (QwenLM/online_merging_optimizers):
 
 - τ̃ is not clamped by default. The authors clamp OnDARE's rescaled ``τ ⊙ M_0 / p`` to [−1, 1];
-  ``OnDARE(clamp_reference=True)`` does the same, for exact reproduction.
+  ``OnDARE(clamp_reference=True)`` does the same, to reproduce their runs.
 - Δ and weight decay are ``torch.optim.AdamW``'s: eps is added after the bias correction and the
   decay is applied before the update. The authors use the Hugging Face ``AdamW`` form (eps added
   to √v before the bias correction, decay applied after the update).
