@@ -1,14 +1,24 @@
 """OnDARE / OnTIES against reference formulas (DESIGN.md, "Online merging optimizers")."""
 
+import inspect
 import io
+import logging
 import math
+import re
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_sr.optim import OnDARE, OnTIES, align_names
-from lightning_sr.optim.sparsify import bernoulli_indices, magnitude_indices, top_indices
+from lightning_sr.optim import OnDARE, OnTIES, align_names, online_merging
+from lightning_sr.optim.sparsify import (
+    MIN_KEEP_RATE,
+    bernoulli_indices,
+    bernoulli_mask,
+    magnitude_indices,
+    top_indices,
+)
 
 BETAS, EPS = (0.9, 0.999), 1e-8
 
@@ -149,7 +159,15 @@ def test_onties_election_drops_disagreeing_adam_coordinates_even_without_merging
     torch.testing.assert_close(p.detach(), torch.tensor([1.1, 1.0, 1.1], dtype=torch.float64))
 
 
-def test_ondare_matches_the_formula_given_the_masks_it_drew():
+def _mask_indices(numel, keep_rate, generator):
+    return bernoulli_mask(numel, keep_rate, generator).nonzero().squeeze(1)
+
+
+@pytest.mark.parametrize("sampler", [bernoulli_indices, _mask_indices], ids=["gaps", "dense_mask"])
+def test_ondare_matches_the_formula_given_the_masks_it_drew(sampler, monkeypatch):
+    """Both ways of drawing masks: kept indices (the CPU's) and a dense mask (the GPUs', forced here)."""
+    if sampler is _mask_indices:
+        monkeypatch.setattr(OnDARE, "_draws_indices", staticmethod(lambda device: False))
     model = TwoTensors()
     base = perturbed(model)
     p_keep, alpha, lr, wd = 0.4, 0.3, 0.05, 0.1
@@ -170,7 +188,7 @@ def test_ondare_matches_the_formula_given_the_masks_it_drew():
     def replay(name):  # the Bernoulli mask M_t the optimizer draws next for this parameter
         g = torch.Generator()
         g.set_state(rng[name])
-        idx = bernoulli_indices(params[name].numel(), p_keep, g)
+        idx = sampler(params[name].numel(), p_keep, g)
         rng[name] = g.get_state()
         mask = torch.zeros(params[name].numel(), dtype=torch.float64)
         mask[idx] = 1
@@ -209,22 +227,25 @@ def test_ondare_mean_update_over_seeds_approaches_linear_merge():
     assert updates.std(0).gt(0).all()  # and the single updates are random
 
 
-def test_bernoulli_indices_are_an_iid_bernoulli_mask():
+@pytest.mark.parametrize("sampler", [bernoulli_indices, _mask_indices], ids=["gaps", "dense_mask"])
+def test_bernoulli_indices_are_an_iid_bernoulli_mask(sampler):
+    """Both samplers (geometric gaps on the CPU, a dense device mask on GPUs) draw i.i.d. Bernoulli(p)."""
     g = torch.Generator().manual_seed(0)
     n, p, draws = 200, 0.05, 2000
     counts = torch.zeros(n)
     sizes = []
     for _ in range(draws):
-        idx = bernoulli_indices(n, p, g)
+        idx = sampler(n, p, g)
         assert torch.equal(idx, idx.unique())  # sorted, distinct
         assert idx.min() >= 0 and idx.max() < n
         counts[idx] += 1
         sizes.append(idx.numel())
     per_position_se = math.sqrt(p * (1 - p) / draws)
     assert (counts / draws - p).abs().max() < 5 * per_position_se
+    assert abs(counts.mean() / draws - p) < 5 * per_position_se / math.sqrt(n)  # overall rate
     sizes = torch.tensor(sizes, dtype=torch.float64)
     assert abs(sizes.var().item() - n * p * (1 - p)) < 0.15 * n * p * (1 - p)  # Binomial spread
-    assert torch.equal(bernoulli_indices(5, 1.0, g), torch.arange(5))
+    assert torch.equal(sampler(5, 1.0, g), torch.arange(5))
 
 
 def test_magnitude_indices_keep_floor_p_n_largest():
@@ -245,7 +266,7 @@ def test_top_indices_on_large_tensors_equal_a_full_topk(layout):
     if layout == "sample_too_high":  # the sample overestimates the threshold: fallback to topk
         x[::12] += 10.0
     expected = torch.topk(x, k).indices.sort().values
-    assert torch.equal(top_indices(x, k), expected)
+    assert torch.equal(top_indices(x.__getitem__, n, k, x.device), expected)
 
 
 def test_onties_matches_the_formula_on_a_large_tensor():
@@ -397,6 +418,140 @@ def test_invalid_hyperparameters_are_rejected():
     for bad in ({"keep_rate": 0.0}, {"keep_rate": 1.5}, {"merge_weight": -1}, {"merge_every": 0}, {"lr": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             OnDARE(params, **bad)
+
+
+def test_too_small_keep_rate_is_rejected_naming_the_valid_range():
+    params = [nn.Parameter(torch.zeros(2))]
+    for cls in (OnDARE, OnTIES):
+        with pytest.raises(ValueError, match=r"keep_rate must be in \[1e-12, 1\].*got 1e-16"):
+            cls(params, keep_rate=1e-16)
+        with pytest.raises(ValueError, match=r"keep_rate must be in \[1e-12, 1\]"):
+            cls([{"params": params, "keep_rate": 1e-20}])  # a param group's own value is checked too
+    # the smallest valid rate still gives valid indices (below it the geometric gaps overflow)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        idx = bernoulli_indices(10**9, MIN_KEEP_RATE, g)
+        assert ((idx >= 0) & (idx < 10**9)).all()
+    p = nn.Parameter(torch.ones(1000))
+    opt = OnDARE([p], lr=1e-6, keep_rate=MIN_KEEP_RATE, merge_weight=1e-7)
+    opt.set_base(nn.ParameterDict({"p": p}), {"p": torch.zeros(1000)})
+    p.grad = torch.ones(1000)
+    opt.step()
+
+
+def test_ondare_clamp_reference_is_the_authors_clamp_of_the_rescaled_reference():
+    """``clamp_reference=True``: τ̃ = clamp(τ ⊙ M₀ / p, −1, 1), stored and merged; off by default."""
+    model = TwoTensors()
+    base = perturbed(model, scale=1.0)  # |τ| / p often exceeds 1
+    p_keep = 0.3
+    plain = OnDARE(model.parameters(), keep_rate=p_keep, seed=7)
+    clamped = OnDARE(model.parameters(), keep_rate=p_keep, seed=7, clamp_reference=True)
+    plain.set_base(model, base)
+    clamped.set_base(model, base)
+    for n, p in model.named_parameters():
+        idx = plain.state[p]["tau_idx"].long()
+        rescaled = (p.detach() - base[n]).reshape(-1)[idx] / p_keep
+        assert rescaled.abs().max() > 1
+        torch.testing.assert_close(plain.state[p]["tau_val"], rescaled)  # default: no clamp
+        assert torch.equal(clamped.state[p]["tau_idx"], plain.state[p]["tau_idx"])  # same M₀
+        torch.testing.assert_close(clamped.state[p]["tau_val"], rescaled.clamp(-1, 1))
+    # and the step merges the clamped τ̃: θ + (1 − α)·Δ + α·clamp(τ, −1, 1) at keep_rate 1
+    p = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = OnDARE([p], lr=0.1, keep_rate=1.0, merge_weight=0.5, clamp_reference=True)
+    opt.set_base(nn.ParameterDict({"p": p}), {"p": torch.tensor([-3.0, 0.5, 2.0], dtype=torch.float64)})
+    p.grad = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    delta = RefAdam((3,), 0.1).delta(p.grad)
+    opt.step()
+    clamped_tau = torch.tensor([1.0, -0.5, -1.0], dtype=torch.float64)  # τ = [3, −0.5, −2]
+    torch.testing.assert_close(p.detach(), 0.5 * delta + 0.5 * clamped_tau, rtol=1e-12, atol=1e-12)
+
+
+def test_learning_rate_far_above_the_papers_range_warns_once_per_class(monkeypatch):
+    monkeypatch.setattr(online_merging, "_warned_high_lr", set())
+    params = [nn.Parameter(torch.zeros(2))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        OnDARE(params, lr=5e-6)
+        OnTIES(params, lr=1e-4)  # the paper's range and up to 1e-4: quiet
+        OnDARE(params, lr=1e-3)
+        OnDARE(params, lr=1e-2)  # once per class
+        OnTIES([{"params": params, "lr": 2e-3}])  # a param group's lr counts too
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 2, messages
+    assert re.match(r"OnDARE: lr=0\.001 is far above the paper's range .*1e-07 to 5e-06", messages[0])
+    assert re.match(r"OnTIES: lr=0\.002 .*1e-07 to 5e-06", messages[1])
+
+
+@pytest.mark.parametrize("cls", [OnDARE, OnTIES])
+def test_every_init_argument_is_described_in_the_class_docstring(cls):
+    """LightningCLI's --help reads the Google-style ``Args:`` section of the class docstring."""
+    docstring_parser = pytest.importorskip("docstring_parser")
+    described = {p.arg_name: p.description for p in docstring_parser.parse(cls.__doc__).params}
+    arguments = list(inspect.signature(cls).parameters)
+    assert "keep_rate" in arguments and "merge_weight" in arguments
+    assert all(described.get(a) for a in arguments), set(arguments) - set(described)
+    equation = {OnDARE: "Eq. 3", OnTIES: "Eq. 7"}[cls]
+    assert equation in cls.__doc__ and "Alg. 2" in cls.__doc__  # the paper's equations stay cited
+
+
+# ------------------------------------------------------------------ set_base after training ------
+
+
+@pytest.mark.parametrize("cls", [OnDARE, OnTIES])
+def test_set_base_after_load_state_dict_keeps_the_checkpointed_reference(cls, caplog):
+    """Plain-Python resume (load_state_dict, then set_base): τ is not recomputed from trained weights."""
+    kwargs = dict(lr=0.05, weight_decay=0.01, keep_rate=0.3, merge_weight=0.1, seed=3)
+    base = perturbed(TwoTensors(dtype=torch.float32))
+
+    def fit(model, opt, steps):
+        for step in steps:
+            grads_for(model, step)
+            opt.step()
+
+    full = TwoTensors(dtype=torch.float32)
+    opt = cls(full.parameters(), **kwargs)
+    opt.set_base(full, base)
+    fit(full, opt, range(8))
+    half = TwoTensors(dtype=torch.float32)
+    opt = cls(half.parameters(), **kwargs)
+    opt.set_base(half, base)
+    fit(half, opt, range(4))
+    saved = opt.state_dict()
+    resumed = cls(half.parameters(), **kwargs)
+    resumed.load_state_dict(saved)
+    with caplog.at_level(logging.WARNING, logger=online_merging.__name__):
+        report = resumed.set_base(half, base)
+    assert report.restored == ["w", "b"] and not report.matched and report.kept == 0
+    assert "keep the reference delta τ̃ stored in the optimizer state" in caplog.text
+    for p in half.parameters():
+        assert torch.equal(resumed.state[p]["tau_val"], saved["state"][0 if p is half.w else 1]["tau_val"])
+    fit(half, resumed, range(4, 8))
+    for a, b in zip(full.parameters(), half.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_set_base_after_steps_without_a_base_is_an_error_and_changes_nothing():
+    model = TwoTensors()
+    opt = OnTIES(model.parameters(), lr=0.05, keep_rate=0.3, merge_weight=0.0)  # runs without a base
+    for step in range(2):
+        grads_for(model, step)
+        opt.step()
+    with pytest.raises(ValueError, match=r"'w' has already taken 2 steps without a base.*before the first step"):
+        opt.set_base(model, perturbed(model))
+    assert all("tau_idx" not in opt.state[p] and opt.state[p]["step"] == 2 for p in model.parameters())
+
+
+def test_set_base_twice_before_training_draws_the_same_reference_mask():
+    model = TwoTensors()
+    base = perturbed(model)
+    opt = OnDARE(model.parameters(), keep_rate=0.3, seed=3)
+    opt.set_base(model, {n: torch.zeros_like(t) for n, t in base.items()})  # e.g. the wrong base first
+    opt.set_base(model, base)
+    once = OnDARE(model.parameters(), keep_rate=0.3, seed=3)
+    once.set_base(model, base)
+    for p in model.parameters():
+        for key in ("tau_idx", "tau_val", "rng_state"):
+            assert torch.equal(opt.state[p][key], once.state[p][key]), key
 
 
 def test_closure_is_called_with_grad_enabled_and_its_loss_returned():

@@ -20,20 +20,48 @@ weight decay applied in between stays, as in the authors' code) and the accumula
 this step's is sparsified and merged once with α·τ̃ (α is not multiplied by K). This costs one
 extra parameter-sized buffer per parameter.
 
-Design choices (see the README): τ̃ is stored sparse, as sorted flat indices and values; OnDARE
-draws the kept set by sampling geometric gaps (O(p·n) work, no dense mask) and computes Δ only
-there; OnTIES ranks |Δ| densely and selects with a sampled threshold plus ``torch.topk`` on the
-candidates, never a full sort. The random masks come from a CPU generator seeded from
-``seed`` and the parameter's position, whose state lives in the optimizer state, so every
-data-parallel rank draws the same masks and a resumed run continues exactly. Half-precision
-parameters get fp32 master weights and fp32 moments in the state (α·τ̃ per step is far below bf16
-resolution); the master copy is authoritative, so load new weights before the first step. This
-module imports no Lightning.
+How it runs (see the README):
+
+- The Adam moments and the weight decay of a param group are updated with foreach kernels; Δ is
+  then computed per parameter, and only where it is needed.
+- τ̃ is stored sparse, as sorted flat indices and values, computed once by :meth:`set_base`.
+- OnDARE's masks come from a ``torch.Generator`` on the parameter's device, seeded from ``seed``
+  and the parameter's position, whose state lives in the optimizer state: every data-parallel
+  rank draws the same masks and a resumed run continues exactly (on GPUs of one model: torch's
+  CUDA random kernels size their grid by the multiprocessor count). On the CPU the kept set is
+  drawn as geometric gaps (O(p·n) work, no dense mask) and Δ is computed only there; on a GPU a
+  dense Bernoulli mask is drawn on the device and applied to the dense Δ, no host round trip.
+- OnTIES ranks every |Δ| and keeps the exact top-k, never with a full sort: on the CPU a sampled
+  threshold, then one chunked pass that computes |Δ| and collects the candidates above it, then
+  ``torch.topk`` on those; on a GPU ``torch.topk``. Δ itself is computed only at the kept
+  coordinates. The sign election finds the overlap of the two sorted index sets with
+  ``searchsorted``, without a host sync.
+- Half-precision parameters get fp32 master weights and fp32 moments in the state (α·τ̃ per step
+  is far below bf16 resolution); the master copy is authoritative, so load new weights before
+  the first step.
+
+Deliberate differences from the authors' code (QwenLM/online_merging_optimizers):
+
+- τ̃ is not clamped by default. The authors clamp OnDARE's rescaled ``τ ⊙ M_0 / p`` to [−1, 1];
+  ``OnDARE(clamp_reference=True)`` does the same, to reproduce their runs.
+- Δ and weight decay are ``torch.optim.AdamW``'s: eps is added after the bias correction and the
+  decay is applied before the update. The authors use the Hugging Face ``AdamW`` form (eps added
+  to √v before the bias correction, decay applied after the update).
+- Step-K updates every parameter on non-merge steps; the authors' loop returns after the first
+  parameter on those steps.
+- Half-precision parameters get fp32 master weights and moments; the authors keep τ and the
+  moments in the parameter dtype.
+- OnTIES' top-k uses ``topk`` (or a sampled threshold), not a full ``argsort``: the same set,
+  up to ties at the k-th magnitude.
+
+This module imports no Lightning.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
@@ -42,11 +70,24 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_sr.optim.sparsify import bernoulli_indices, index_dtype, magnitude_indices
+from lightning_sr.optim.sparsify import (
+    MIN_KEEP_RATE,
+    bernoulli_indices,
+    bernoulli_mask,
+    index_dtype,
+    kept_count,
+    magnitude_indices,
+    top_indices,
+)
 
 __all__ = ["OnDARE", "OnTIES", "OnlineMergingOptimizer", "BaseMatch", "align_names"]
 
+log = logging.getLogger(__name__)
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_PAPER_LR_RANGE = (1e-7, 5e-6)  # the learning rates of the paper's experiments
+_HIGH_LR = 1e-4  # warn above this: 20x the paper's largest
+_warned_high_lr: set[str] = set()  # class names that have warned (once per process per class)
 
 
 @dataclass
@@ -55,12 +96,16 @@ class BaseMatch:
 
     ``unmatched`` lists trainable parameters with no base counterpart; they get plain AdamW
     updates. ``kept`` / ``dense`` count the stored τ̃ entries against the matched elements.
+    ``restored`` lists parameters that had already taken steps (their state came from
+    ``load_state_dict``, or training had started) and kept the τ̃ already in the optimizer state
+    instead of recomputing τ from trained weights; they are in none of the other fields.
     """
 
     matched: dict[str, str] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
     kept: int = 0
     dense: int = 0
+    restored: list[str] = field(default_factory=list)
 
 
 def align_names(names: Iterable[str], base_names: Iterable[str]) -> dict[str, str]:
@@ -94,60 +139,78 @@ def align_names(names: Iterable[str], base_names: Iterable[str]) -> dict[str, st
     return pairs
 
 
+def _check_hyperparameters(name: str, group: Mapping) -> None:
+    """Reject invalid values of a param group; warn (once per class) about a far too large lr."""
+    lr, betas = group["lr"], group["betas"]
+    if lr < 0.0:
+        raise ValueError(f"{name}: lr must be >= 0, got {lr}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {betas}")
+    if group["eps"] < 0.0 or group["weight_decay"] < 0.0:
+        raise ValueError(
+            f"{name}: eps and weight_decay must be >= 0, got {group['eps']}, {group['weight_decay']}"
+        )
+    if not MIN_KEEP_RATE <= group["keep_rate"] <= 1.0:
+        raise ValueError(
+            f"{name}: keep_rate must be in [{MIN_KEEP_RATE:g}, 1] (the fraction of coordinates kept; "
+            f"the paper uses 0.01), got {group['keep_rate']}"
+        )
+    if not 0.0 <= group["merge_weight"] <= 1.0:
+        raise ValueError(f"{name}: merge_weight must be in [0, 1], got {group['merge_weight']}")
+    merge_every, seed = group["merge_every"], group["seed"]
+    if int(merge_every) != merge_every or merge_every < 1:
+        raise ValueError(f"{name}: merge_every must be an integer >= 1, got {merge_every}")
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f"{name}: seed must be an integer >= 0, got {seed}")
+    if lr > _HIGH_LR and name not in _warned_high_lr:
+        _warned_high_lr.add(name)
+        low, high = _PAPER_LR_RANGE
+        warnings.warn(
+            f"{name}: lr={lr:g} is far above the paper's range for online merging ({low:g} to {high:g}, "
+            "Lu et al. 2024). merge_weight and keep_rate were tuned for that range: merge_weight·τ̃ "
+            "is added once per step without an lr factor, so at this lr the Adam update outweighs "
+            "the pull toward the SFT model far more than in the paper. Lower lr unless you mean it.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
 def _agreeing(values: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """``values·[sign(values) = s]`` with the elected sign ``s = +1 if total ≥ 0 else −1``."""
     elected = torch.where(total >= 0, 1.0, -1.0).to(values.dtype)
     return torch.where(torch.sign(values) == elected, values, 0.0)
 
 
+def _lookup(indices: torch.Tensor, values: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """The sparse vector (sorted ``indices``, ``values``) at the positions ``query``, 0 where absent.
+
+    One ``searchsorted`` and a select, no boolean indexing: nothing waits for the device.
+    """
+    pos = torch.searchsorted(indices, query).clamp_(max=indices.numel() - 1)
+    return torch.where(indices[pos] == query, values[pos], 0.0)
+
+
 class OnlineMergingOptimizer(Optimizer):
     """Shared machinery of :class:`OnDARE` and :class:`OnTIES`: Adam moments, state, step-K.
 
-    Subclasses define how the reference delta is sparsified once (``_sparsify_reference``) and
-    how a step's delta is merged with it (``_merge``).
+    Subclasses define their arguments (documented there), how the reference delta is sparsified
+    once (``_sparsify_reference``) and how a step's delta is merged with it (``_merge``). Every
+    param group's hyperparameters are validated when it is added.
     """
 
     _uses_rng = False
 
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-6,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        keep_rate: float = 0.01,
-        merge_weight: float = 1e-7,
-        merge_every: int = 1,
-        seed: int = 0,
-    ):
-        name = type(self).__name__
-        if lr < 0.0:
-            raise ValueError(f"{name}: lr must be >= 0, got {lr}")
-        if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
-            raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {betas}")
-        if eps < 0.0 or weight_decay < 0.0:
-            raise ValueError(f"{name}: eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
-        if not 0.0 < keep_rate <= 1.0:
-            raise ValueError(f"{name}: keep_rate must be in (0, 1], got {keep_rate}")
-        if not 0.0 <= merge_weight <= 1.0:
-            raise ValueError(f"{name}: merge_weight must be in [0, 1], got {merge_weight}")
-        if int(merge_every) != merge_every or merge_every < 1:
-            raise ValueError(f"{name}: merge_every must be an integer >= 1, got {merge_every}")
-        if int(seed) != seed or seed < 0:
-            raise ValueError(f"{name}: seed must be an integer >= 0, got {seed}")
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            keep_rate=keep_rate,
-            merge_weight=merge_weight,
-            merge_every=int(merge_every),
-            seed=int(seed),
-        )
-        super().__init__(params, defaults)
-        self._generator = torch.Generator()
+    def __init__(self, params, **hyperparameters):
+        super().__init__(params, hyperparameters)
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __setstate__(self, state: dict) -> None:  # copy / pickle keep only torch's own fields
+        super().__setstate__(state)
+        self._generators = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        _check_hyperparameters(type(self).__name__, {**self.defaults, **param_group})
+        super().add_param_group(param_group)
 
     # ---------------------------------------------------------------- state ----------------------
 
@@ -170,16 +233,26 @@ class OnlineMergingOptimizer(Optimizer):
         if group["merge_every"] > 1:
             state["accumulated"] = torch.zeros(param.shape, dtype=work_dtype, device=param.device)
         if self._uses_rng:
-            state["rng_state"] = self._generator.manual_seed(
-                group["seed"] * 1_000_003 + position
-            ).get_state()
+            self._seed(state, group, position, param.device)
         return state
 
-    def _draw(self, state: dict, fn, *args):
-        """Run ``fn(*args, generator)`` on the parameter's own generator stream and save it back."""
-        self._generator.set_state(state["rng_state"].cpu())
-        out = fn(*args, self._generator)
-        state["rng_state"] = self._generator.get_state()
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """This optimizer's generator on ``device``; each parameter's stream is its saved state."""
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        return self._generators[device]
+
+    def _seed(self, state: dict, group: dict, position: int, device: torch.device) -> None:
+        """Start the parameter's stream from ``seed`` and its position: the same on every rank."""
+        generator = self._generator(device).manual_seed(group["seed"] * 1_000_003 + position)
+        state["rng_state"] = generator.get_state()
+
+    def _draw(self, state: dict, device: torch.device, fn, *args):
+        """Run ``fn(*args, generator)`` on the parameter's stream (on ``device``) and save it back."""
+        generator = self._generator(device)
+        generator.set_state(state["rng_state"])
+        out = fn(*args, generator)
+        state["rng_state"] = generator.get_state()
         return out
 
     def _has_base(self) -> bool:
@@ -191,7 +264,8 @@ class OnlineMergingOptimizer(Optimizer):
         ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor, and the
         integer ones too, to the parameter's dtype: that would round τ̃'s int32 indices,
         corrupt the generator state and turn fp32 masters of bf16 parameters into bf16. Here the
-        tensors are only moved to the parameter's device (the generator state stays on the CPU).
+        tensors are only moved to the parameter's device (the generator state, a byte tensor
+        for the generator on the parameter's device, stays on the CPU where torch keeps it).
         """
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
@@ -222,38 +296,55 @@ class OnlineMergingOptimizer(Optimizer):
         indices and values. Parameters without a base counterpart get plain AdamW updates (they
         are listed in the returned :class:`BaseMatch`); a shape mismatch raises ``ValueError``
         naming the parameter, before any state changes. Frozen parameters are skipped.
+
+        τ must come from the weights *before* training. A parameter that has already taken steps
+        keeps the τ̃ in the optimizer state, so calling ``set_base`` after ``load_state_dict``
+        resumes with the checkpoint's τ̃; such parameters are listed in ``BaseMatch.restored``
+        and logged. (Lightning's order, ``set_base`` at fit start on a fresh optimizer and then
+        ``load_state_dict``, needs no such care: the loaded state replaces what was set.) A
+        parameter that has taken steps without any base is an error.
         """
         base_tensors = base.state_dict() if isinstance(base, nn.Module) else dict(base)
         names = {id(p): n for n, p in model.named_parameters()}
         positions = self._positions()
+        cls = type(self).__name__
         entries = []
         for group in self.param_groups:
             for param in group["params"]:
                 if id(param) not in names:
                     raise ValueError(
-                        f"{type(self).__name__}.set_base: parameter #{positions[id(param)]} of "
-                        f"shape {tuple(param.shape)} is not a parameter of the given model; pass "
-                        "the module whose parameters the optimizer was built from"
+                        f"{cls}.set_base: parameter #{positions[id(param)]} of shape "
+                        f"{tuple(param.shape)} is not a parameter of the given model; pass the "
+                        "module whose parameters the optimizer was built from"
                     )
                 if param.requires_grad:
                     entries.append((group, param, names[id(param)]))
         pairs = align_names([n for _, _, n in entries], base_tensors)
         if not pairs:
             raise ValueError(
-                f"{type(self).__name__}.set_base: no parameter name matches the base model. "
-                f"Parameters look like {[n for _, _, n in entries[:3]]}, the base has "
-                f"{list(base_tensors)[:3]}"
+                f"{cls}.set_base: no parameter name matches the base model. Parameters look like "
+                f"{[n for _, _, n in entries[:3]]}, the base has {list(base_tensors)[:3]}"
             )
         for _, param, name in entries:
             if name in pairs and base_tensors[pairs[name]].shape != param.shape:
                 raise ValueError(
-                    f"{type(self).__name__}.set_base: parameter {name!r} has shape "
-                    f"{tuple(param.shape)} but its base {pairs[name]!r} has shape "
-                    f"{tuple(base_tensors[pairs[name]].shape)}"
+                    f"{cls}.set_base: parameter {name!r} has shape {tuple(param.shape)} but its "
+                    f"base {pairs[name]!r} has shape {tuple(base_tensors[pairs[name]].shape)}"
+                )
+            state = self.state.get(param, {})
+            if state.get("step", 0) > 0 and "tau_idx" not in state and not state.get("plain"):
+                raise ValueError(
+                    f"{cls}.set_base: parameter {name!r} has already taken {state['step']} steps "
+                    "without a base, so τ = θ_SFT − θ_base can no longer be computed from its "
+                    "weights. Call set_base before the first step, or on a new optimizer over the "
+                    "SFT weights."
                 )
         report = BaseMatch()
         for group, param, name in entries:
             state = self._state_for(param, group, positions[id(param)])
+            if state["step"] > 0:  # trained: keep the stored τ̃ (or plain AdamW) as it is
+                report.restored.append(name)
+                continue
             state.pop("tau_idx", None)
             state.pop("tau_val", None)
             if name not in pairs:  # no counterpart in the base: plain AdamW from now on
@@ -262,6 +353,8 @@ class OnlineMergingOptimizer(Optimizer):
                 report.unmatched.append(name)
                 continue
             state.pop("plain", None)
+            if self._uses_rng:  # M₀ from the start of the stream, however often set_base is called
+                self._seed(state, group, positions[id(param)], param.device)
             current = state.get("master", param).detach()
             tau = current - base_tensors[pairs[name]].to(device=current.device, dtype=current.dtype)
             idx, values = self._sparsify_reference(tau.reshape(-1), state, group)
@@ -271,6 +364,15 @@ class OnlineMergingOptimizer(Optimizer):
             report.matched[name] = pairs[name]
             report.kept += int(nonzero.sum())
             report.dense += tau.numel()
+        if report.restored:
+            log.warning(
+                "%s.set_base: %d parameters have already taken steps (state from load_state_dict, "
+                "or training had started); they keep the reference delta τ̃ stored in the optimizer "
+                "state instead of recomputing it from trained weights. Build a new optimizer to "
+                "start over from another base.",
+                cls,
+                len(report.restored),
+            )
         return report
 
     def reference_bytes(self) -> int:
@@ -304,27 +406,32 @@ class OnlineMergingOptimizer(Optimizer):
                 loss = closure()
         positions = self._positions()
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                self._update(param, self._state_for(param, group, positions[id(param)]), group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            states = [self._state_for(p, group, positions[id(p)]) for p in params]
+            weights = [s.get("master", p) for p, s in zip(params, states)]
+            grads = [p.grad.to(w.dtype) for p, w in zip(params, weights)]  # no copy if it has w's dtype
+            beta1, beta2 = group["betas"]
+            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+            torch._foreach_lerp_([s["exp_avg"] for s in states], grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+            if group["weight_decay"] != 0:
+                torch._foreach_mul_(weights, 1 - group["lr"] * group["weight_decay"])
+            for param, weight, state in zip(params, weights, states):
+                self._update(param, weight, state, group)
         return loss
 
-    def _update(self, param: torch.Tensor, state: dict, group: dict) -> None:
-        weight = state.get("master", param)
-        grad = param.grad if param.grad.dtype == weight.dtype else param.grad.to(weight.dtype)
+    def _update(self, param: torch.Tensor, weight: torch.Tensor, state: dict, group: dict) -> None:
+        """Apply Δ (moments and decay already updated): plain, accumulated, or merged."""
         beta1, beta2 = group["betas"]
-        lr = group["lr"]
         state["step"] += 1
         t = state["step"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        if group["weight_decay"] != 0:
-            weight.mul_(1 - lr * group["weight_decay"])
-        adam = _AdamDelta(exp_avg, exp_avg_sq, lr / (1 - beta1**t), math.sqrt(1 - beta2**t), group["eps"])
+        bias_correction2_sqrt = math.sqrt(1 - beta2**t)
+        adam = _AdamDelta(state, group["lr"] / (1 - beta1**t), bias_correction2_sqrt, group["eps"])
         if state.get("plain"):
             weight.add_(adam.dense())
         elif t % group["merge_every"] != 0:
@@ -353,14 +460,15 @@ class OnlineMergingOptimizer(Optimizer):
 class _AdamDelta:
     """The Adam update ``Δ = −lr·m̂/(√v̂ + eps)`` of one parameter, densely or at given indices."""
 
-    def __init__(self, exp_avg, exp_avg_sq, step_size, bias_correction2_sqrt, eps):
-        self.exp_avg, self.exp_avg_sq = exp_avg, exp_avg_sq
+    def __init__(self, state, step_size, bias_correction2_sqrt, eps):
+        self.exp_avg, self.exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         self.step_size, self.bc2_sqrt, self.eps = step_size, bias_correction2_sqrt, eps
 
-    def dense_magnitude(self) -> torch.Tensor:
-        """``|Δ| / step_size = |m| / (√v̂ + eps)``: ranks like |Δ| at one pass less than ``dense``."""
-        denom = self.exp_avg_sq.sqrt().div_(self.bc2_sqrt).add_(self.eps)
-        return torch.div(self.exp_avg, denom, out=denom).abs_()
+    def magnitude(self, part: slice) -> torch.Tensor:
+        """``|Δ| / step_size = |m| / (√v̂ + eps)`` at ``part`` of the flat parameter: ranks like
+        |Δ| at one pass less than ``dense``."""
+        denom = self.exp_avg_sq.view(-1)[part].sqrt().div_(self.bc2_sqrt).add_(self.eps)
+        return torch.div(self.exp_avg.view(-1)[part], denom, out=denom).abs_()
 
     def dense(self) -> torch.Tensor:
         denom = self.exp_avg_sq.sqrt().div_(self.bc2_sqrt).add_(self.eps)
@@ -377,33 +485,88 @@ class OnDARE(OnlineMergingOptimizer):
 
     Per step: ``Δ̃ = Δ ⊙ M_t / p`` (M_t a fresh Bernoulli(p) mask, only ~p·n coordinates move),
     ``θ ← θ + (1 − α)·Δ̃ + α·τ̃`` with ``τ̃ = τ ⊙ M_0 / p`` fixed at :meth:`set_base`. The Adam
-    moments are updated densely every step. Starting values from the paper: ``lr=1e-6,
-    keep_rate=0.01, merge_weight=1e-7``. With ``keep_rate=1, merge_weight=0`` this is exactly
-    ``torch.optim.AdamW``.
+    moments are updated densely every step. The defaults are the paper's starting values. With
+    ``keep_rate=1, merge_weight=0`` this is exactly ``torch.optim.AdamW``.
+
+    Args:
+        params: the parameters to optimize, or dicts defining parameter groups (a group may set
+            any of the arguments below).
+        lr: learning rate of the Adam update Δ. The paper uses 1e-7 to 5e-6; a value above 1e-4
+            warns once.
+        betas: Adam's coefficients for the running averages of the gradient and its square.
+        eps: added to √v̂ in Adam's denominator, for numerical stability.
+        weight_decay: decoupled weight decay, ``θ ← θ − lr·weight_decay·θ`` before each update.
+        keep_rate: p, the probability that a coordinate of Δ (fresh mask every step) or of τ
+            (one mask, drawn at ``set_base``) is kept; kept values are rescaled by 1/p. In
+            [1e-12, 1]; the paper uses 0.01 and is robust down to about 5e-4.
+        merge_weight: α in ``θ ← θ + (1 − α)·Δ̃ + α·τ̃``: how hard each step pulls toward the SFT
+            model's direction τ = θ_SFT − θ_base. Multiplies τ̃ directly, once per step, without
+            an lr factor. In [0, 1]; the paper searched 1e-7 to 1e-4. 0 needs no base model.
+        merge_every: K of the paper's step-K variant (Alg. 2): merge every K-th step, with K − 1
+            plain Adam steps accumulated in between (one extra parameter-sized buffer). 1 merges
+            every step.
+        seed: seeds the masks; each parameter's stream starts from ``seed`` and its position, on
+            a generator on the parameter's device, so every data-parallel rank draws the same
+            masks. Its state is checkpointed.
+        clamp_reference: clamp τ̃ to [−1, 1] after rescaling, ``τ̃ = clamp(τ ⊙ M_0 / p, −1, 1)``,
+            as the authors' code does. Off by default; turn it on to reproduce their runs.
     """
 
     _uses_rng = True
 
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-6,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        keep_rate: float = 0.01,
+        merge_weight: float = 1e-7,
+        merge_every: int = 1,
+        seed: int = 0,
+        clamp_reference: bool = False,
+    ):
+        super().__init__(
+            params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, keep_rate=keep_rate,
+            merge_weight=merge_weight, merge_every=merge_every, seed=seed, clamp_reference=clamp_reference,
+        )
+
+    @staticmethod
+    def _draws_indices(device: torch.device) -> bool:
+        """Whether masks on ``device`` are drawn as kept indices (the CPU: O(p·n) work) rather
+        than as a dense mask on the device (GPUs: one kernel, no host round trip)."""
+        return device.type == "cpu"
+
     def _sparsify_reference(self, tau, state, group):
         p = group["keep_rate"]
         if p >= 1:
-            return torch.arange(tau.numel(), device=tau.device), tau.clone()
-        idx = self._draw(state, bernoulli_indices, tau.numel(), p).to(tau.device)
-        return idx, tau[idx] / p
+            idx = torch.arange(tau.numel(), device=tau.device)
+        elif self._draws_indices(tau.device):
+            idx = self._draw(state, tau.device, bernoulli_indices, tau.numel(), p)
+        else:  # once per parameter, so the host sync of nonzero() does not matter
+            idx = self._draw(state, tau.device, bernoulli_mask, tau.numel(), p).nonzero().squeeze(1)
+        values = tau[idx] / p
+        clamp = group.get("clamp_reference", False)  # absent from checkpoints of older versions
+        return idx, values.clamp_(-1.0, 1.0) if clamp else values
 
     def _merge(self, flat, adam, accumulated, state, group):
         p, alpha = group["keep_rate"], group["merge_weight"]
-        if p >= 1:
-            delta = adam.dense().view(-1)
-            if accumulated is not None:
-                delta.add_(accumulated.view(-1))
-            flat.add_(delta, alpha=1 - alpha)
-        else:
-            idx = self._draw(state, bernoulli_indices, flat.numel(), p).to(flat.device)
+        if p < 1 and self._draws_indices(flat.device):  # Δ only at the ~p·n kept coordinates
+            idx = self._draw(state, flat.device, bernoulli_indices, flat.numel(), p)
             delta = adam.at(idx)
             if accumulated is not None:
                 delta.add_(accumulated.view(-1)[idx])
             flat.index_add_(0, idx, delta, alpha=(1 - alpha) / p)
+        else:  # dense Δ, masked on the device: no index generation, no host round trip
+            delta = adam.dense().view(-1)
+            if accumulated is not None:
+                delta.add_(accumulated.view(-1))
+            if p < 1:
+                mask = self._draw(state, flat.device, bernoulli_mask, flat.numel(), p)
+                flat.addcmul_(delta, mask, value=(1 - alpha) / p)
+            else:
+                flat.add_(delta, alpha=1 - alpha)
         if alpha != 0 and "tau_idx" in state:
             flat.index_add_(0, state["tau_idx"], state["tau_val"], alpha=alpha)
 
@@ -416,8 +579,46 @@ class OnTIES(OnlineMergingOptimizer):
     unweighted terms, and ``θ ← θ + (1 − α)·Δ̃·[sign Δ̃ = s] + α·τ̃·[sign τ̃ = s]``. Where τ̃ ≠ 0 the
     SFT direction usually wins the election and disagreeing Adam coordinates are dropped, which
     is what regularizes; this filtering happens even with ``merge_weight=0``. Deterministic: no
-    random state.
+    random state. The defaults are the paper's starting values.
+
+    Args:
+        params: the parameters to optimize, or dicts defining parameter groups (a group may set
+            any of the arguments below).
+        lr: learning rate of the Adam update Δ. The paper uses 1e-7 to 5e-6; a value above 1e-4
+            warns once.
+        betas: Adam's coefficients for the running averages of the gradient and its square.
+        eps: added to √v̂ in Adam's denominator, for numerical stability.
+        weight_decay: decoupled weight decay, ``θ ← θ − lr·weight_decay·θ`` before each update.
+        keep_rate: p, the fraction of each tensor's coordinates kept: Δ̃ and τ̃ keep their
+            ⌊p·n⌋ largest magnitudes, unscaled (a tensor where ⌊p·n⌋ = 0 keeps everything). In
+            [1e-12, 1]; the paper uses 0.01.
+        merge_weight: α in ``θ ← θ + (1 − α)·Δ̃·[sign Δ̃ = s] + α·τ̃·[sign τ̃ = s]``: how hard each
+            step pulls toward the SFT model's direction τ = θ_SFT − θ_base. Multiplies τ̃
+            directly, once per step, without an lr factor. In [0, 1]; the paper searched 1e-7 to
+            1e-4. 0 still filters Δ by the sign election but needs no base model.
+        merge_every: K of the paper's step-K variant (Alg. 2): merge every K-th step, with K − 1
+            plain Adam steps accumulated in between (one extra parameter-sized buffer). 1 merges
+            every step.
+        seed: not used (OnTIES draws no random masks); accepted so that a config can switch
+            between OnDARE and OnTIES by class name alone.
     """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-6,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        keep_rate: float = 0.01,
+        merge_weight: float = 1e-7,
+        merge_every: int = 1,
+        seed: int = 0,
+    ):
+        super().__init__(
+            params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, keep_rate=keep_rate,
+            merge_weight=merge_weight, merge_every=merge_every, seed=seed,
+        )
 
     def _sparsify_reference(self, tau, state, group):
         idx = magnitude_indices(tau, group["keep_rate"])
@@ -427,9 +628,10 @@ class OnTIES(OnlineMergingOptimizer):
 
     def _merge(self, flat, adam, accumulated, state, group):
         alpha, keep_rate = group["merge_weight"], group["keep_rate"]
-        if accumulated is None and keep_rate < 1 and int(keep_rate * flat.numel()) >= 1:
+        k = kept_count(flat.numel(), keep_rate)
+        if accumulated is None and k is not None:
             # Only the kept coordinates of Δ are needed: rank by |Δ|, then compute Δ there.
-            top = magnitude_indices(adam.dense_magnitude(), keep_rate, absolute=True)
+            top = top_indices(adam.magnitude, flat.numel(), k, flat.device)
             delta, values = None, adam.at(top)
         else:
             delta = adam.dense().view(-1)
@@ -448,15 +650,10 @@ class OnTIES(OnlineMergingOptimizer):
             flat.add_(delta, alpha=1 - alpha)
             return
         if tau_idx is not None and tau_idx.numel():
-            # The election only matters where both are kept: find that overlap in one search.
-            pos = torch.searchsorted(tau_idx, top).clamp_(max=tau_idx.numel() - 1)
-            both = tau_idx[pos] == top
-            pos = pos[both]
-            d, t = values[both], tau_val[pos]
-            values[both] = _agreeing(d, d + t)
+            # Elect where both are kept; elsewhere the other term is 0 and each keeps itself.
             if alpha != 0:
-                tau_val = tau_val.clone()
-                tau_val[pos] = _agreeing(t, t + d)
+                tau_val = _agreeing(tau_val, tau_val + _lookup(top, values, tau_idx))
+            values = _agreeing(values, values + _lookup(tau_idx, state["tau_val"], top))
         flat.index_add_(0, top, values, alpha=1 - alpha)
         if alpha != 0 and tau_idx is not None:
             flat.index_add_(0, tau_idx, tau_val, alpha=alpha)
