@@ -1,0 +1,137 @@
+"""Faults: real processes killed mid-run, a full disk, a reward model that fails mid-batch.
+
+After each fault the same command or call is run again; the results must equal an
+uninterrupted run's, with nothing lost or written twice. ``benchmarks/fault_soak.py`` runs the
+kill cycles at length (figures in benchmarks/RESULTS.md).
+"""
+
+import errno
+import importlib.util
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from lightning_sr.testing import make_tokenizer, tiny_llama
+
+from lightning_sr.callbacks.predictions import JSONLPredictionWriter
+from lightning_sr.data.preferences import PreferenceDataModule
+from lightning_sr.data.prompts import PromptDataModule
+from lightning_sr.generation import FixedSchedule, SamplingParams
+from lightning_sr.modules.generation import SpeculativeRejectionModule
+from lightning_sr.modules.preference import PreferenceModule
+from lightning_sr.optim import OnDARE
+from lightning_sr.rewards import FunctionReward
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def soak():
+    spec = importlib.util.spec_from_file_location("fault_soak", ROOT / "benchmarks" / "fault_soak.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fault_soak"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def workspace(soak, tmp_path_factory):
+    return soak.make_workspace(tmp_path_factory.mktemp("workspace"))
+
+
+@pytest.mark.slow
+def test_predict_killed_at_random_moments_ends_like_an_uninterrupted_run(soak, workspace, tmp_path):
+    row = soak.soak_predict(workspace, tmp_path, cycles=3, seed=1)
+    assert row["lost"] == 0 and row["duplicated"] == 0 and row["records_equal"], row
+
+
+@pytest.mark.slow
+def test_fit_killed_mid_epoch_resumes_to_the_same_weights(soak, workspace, tmp_path):
+    row = soak.soak_fit(workspace, tmp_path, cycles=3, seed=1)
+    assert row["steps"] == [24, 24] and row["max_weight_difference"] == 0.0, row
+
+
+def preference_run(L, path, tmp_path, max_steps, ckpt=None, every=None):
+    tokenizer = make_tokenizer(chat_template=True)
+    module = PreferenceModule(tiny_llama(tokenizer), optimizer=partial(OnDARE, lr=1e-2, keep_rate=0.5, merge_weight=0.0))
+    callbacks = [L.sub("callbacks").ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1)] if every else []
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=bool(every), callbacks=callbacks)
+    trainer.fit(module, PreferenceDataModule(str(path), tokenizer=tokenizer, batch_size=2), ckpt_path=ckpt)
+    return module
+
+
+@pytest.mark.parametrize("resume_at", [4, 18], ids=["mid-epoch", "epoch boundary"])
+def test_fit_resumes_bit_exactly_from_any_checkpoint(L, soak, workspace, tmp_path, resume_at):
+    pairs = workspace["pairs"]  # 36 pairs, 18 batches an epoch
+    full = preference_run(L, pairs, tmp_path / "full", max_steps=22)
+    preference_run(L, pairs, tmp_path / "first", max_steps=resume_at, every=resume_at)
+    (ckpt,) = (tmp_path / "first").glob(f"*step={resume_at}.ckpt")
+    resumed = preference_run(L, pairs, tmp_path / "second", max_steps=22, ckpt=str(ckpt))
+    for (name, a), b in zip(full.policy.named_parameters(), resumed.policy.parameters()):
+        assert torch.equal(a, b), name
+
+
+def predict_once(L, models, prompts, output, reward=None, callbacks=()):
+    module = SpeculativeRejectionModule(
+        models[0], reward or models[1], n=4, schedule=FixedSchedule([3]), sampling=SamplingParams(max_new_tokens=6)
+    )
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                        callbacks=[JSONLPredictionWriter(str(output)), *callbacks])
+    datamodule = PromptDataModule(str(prompts), batch_size=2, completed=str(output))
+    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+
+
+def lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def without_seconds(records):
+    return [{**r, "stats": {k: v for k, v in r["stats"].items() if not k.endswith("_seconds")}} for r in records]
+
+
+def test_a_full_disk_stops_the_run_and_keeps_what_was_written(L, workspace, tmp_path, monkeypatch):
+    models = (str(workspace["generator"]), str(workspace["reward"]))
+    reference = tmp_path / "reference.jsonl"
+    predict_once(L, models, workspace["prompts"], reference)
+    output = tmp_path / "predictions.jsonl"
+    writes = {"count": 0}
+    append = JSONLPredictionWriter._append
+
+    def append_until_the_disk_fills(self, new_lines):
+        writes["count"] += 1
+        if writes["count"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        append(self, new_lines)
+
+    monkeypatch.setattr(JSONLPredictionWriter, "_append", append_until_the_disk_fills)
+    with pytest.raises(OSError, match="No space left"):
+        predict_once(L, models, workspace["prompts"], output)
+    assert len(lines(output)) == 4  # the two batches written before the disk filled
+    monkeypatch.setattr(JSONLPredictionWriter, "_append", append)
+    predict_once(L, models, workspace["prompts"], output)
+    assert without_seconds(lines(output)) == without_seconds(lines(reference))
+
+
+def test_a_reward_model_failing_mid_batch_keeps_earlier_batches(L, workspace, tmp_path):
+    from lightning_sr.rewards import HFRewardModel
+
+    models = (str(workspace["generator"]), str(workspace["reward"]))
+    real = HFRewardModel(models[1])
+    calls = {"count": 0}
+
+    def flaky(prompts, responses):
+        calls["count"] += 1
+        if calls["count"] == 5:  # the third batch's first scoring call
+            raise RuntimeError("reward server went away")
+        return real.score(prompts, responses).tolist()
+
+    output = tmp_path / "predictions.jsonl"
+    with pytest.raises(RuntimeError, match="reward server went away"):
+        predict_once(L, models, workspace["prompts"], output, reward=FunctionReward(flaky, batched=True))
+    assert [r["id"] for r in lines(output)] == ["p0", "p1", "p2", "p3"]
+    predict_once(L, models, workspace["prompts"], output)
+    assert sorted(r["id"] for r in lines(output)) == sorted(f"p{i}" for i in range(12))
