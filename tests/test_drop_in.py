@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -76,11 +77,12 @@ def test_ondare_with_online_merging_from_config_alone(L, tmp_path, route):
     base = save_tiny_generator(tmp_path / "base", seed=1)
     injected = route == "injected optimizer"
     optimizer = "--model.optimizer" if injected else "--optimizer"
-    cli = run_project_cli(
-        L, project_module(L, injected), tmp_path,
-        f"{optimizer}=OnDARE", f"{optimizer}.lr=1e-6", f"{optimizer}.keep_rate=0.5", f"{optimizer}.merge_weight=1e-3",
-        f"--trainer.callbacks+={config_path('online_merging')}", f"--trainer.callbacks.base_model={base}",
-    )
+    with pytest.warns(UserWarning, match="configure_optimizers` will be overridden") if not injected else nullcontext():
+        cli = run_project_cli(
+            L, project_module(L, injected), tmp_path,
+            f"{optimizer}=OnDARE", f"{optimizer}.lr=1e-6", f"{optimizer}.keep_rate=0.5", f"{optimizer}.merge_weight=1e-3",
+            f"--trainer.callbacks+={config_path('online_merging')}", f"--trainer.callbacks.base_model={base}",
+        )
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, OnlineMerging))
     assert isinstance(callback, L.Callback)
     cli.trainer.fit(cli.model)
@@ -98,11 +100,12 @@ def test_base_model_from_a_checkpoint_of_the_same_project(L, tmp_path):
     first.trainer.fit(first.model)
     ckpt = tmp_path / "sft.ckpt"
     first.trainer.save_checkpoint(ckpt)
-    cli = run_project_cli(
-        L, project_module(L, injected=False), tmp_path,
-        "--optimizer=OnDARE", "--optimizer.keep_rate=1.0", "--optimizer.merge_weight=0.5",
-        "--trainer.callbacks+=lightning_sr.callbacks.OnlineMerging", f"--trainer.callbacks.base_model={ckpt}",
-    )
+    with pytest.warns(UserWarning, match="configure_optimizers` will be overridden"):
+        cli = run_project_cli(
+            L, project_module(L, injected=False), tmp_path,
+            "--optimizer=OnDARE", "--optimizer.keep_rate=1.0", "--optimizer.merge_weight=0.5",
+            "--trainer.callbacks+=lightning_sr.callbacks.OnlineMerging", f"--trainer.callbacks.base_model={ckpt}",
+        )
     before = cli.model.policy.lm_head.weight.detach().clone()
     cli.trainer.fit(cli.model)
     state = cli.trainer.optimizers[0].state[cli.model.policy.lm_head.weight]

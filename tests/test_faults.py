@@ -70,7 +70,8 @@ def test_fit_resumes_bit_exactly_from_any_checkpoint(L, soak, workspace, tmp_pat
     full = preference_run(L, pairs, tmp_path / "full", max_steps=22)
     preference_run(L, pairs, tmp_path / "first", max_steps=resume_at, every=resume_at)
     (ckpt,) = (tmp_path / "first").glob(f"*step={resume_at}.ckpt")
-    resumed = preference_run(L, pairs, tmp_path / "second", max_steps=22, ckpt=str(ckpt))
+    with pytest.warns(UserWarning, match="exists and is not empty"):  # resuming into the run's own folder
+        resumed = preference_run(L, pairs, tmp_path / "first", max_steps=22, ckpt=str(ckpt), every=resume_at)
     for (name, a), b in zip(full.policy.named_parameters(), resumed.policy.parameters()):
         assert torch.equal(a, b), name
 

@@ -275,6 +275,7 @@ def test_fast_dev_run_writes_under_default_root_dir(L, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "root"
     trainer = L.Trainer(callbacks=[GPUMemoryProfiler()], fast_dev_run=2, default_root_dir=root,
+                        logger=L.sub("loggers").CSVLogger(tmp_path / "logs"),  # fast_dev_run swaps it out
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(boring(L)())
     assert len(read_csv(root / "memory_fit.csv")) == 4  # 2 train + 2 validation batches

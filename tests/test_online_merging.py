@@ -1,4 +1,4 @@
-"""OnDARE / OnTIES against reference formulas (DESIGN.md, "Online merging optimizers")."""
+"""OnDARE / OnTIES against reference formulas (docs/DESIGN.md, "Online merging optimizers")."""
 
 import inspect
 import io

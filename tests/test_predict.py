@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import subprocess
+from contextlib import nullcontext
 import sys
 from pathlib import Path
 
@@ -127,10 +128,11 @@ def _seconds(record):
 
 def test_nothing_left_to_do_is_said(L, tmp_path, models, prompt_file, caplog):
     output = tmp_path / "predictions.jsonl"
-    for _ in range(2):
+    for run in range(2):
         datamodule = PromptDataModule(str(prompt_file), batch_size=4, limit=4, completed=str(output))
         with caplog.at_level(logging.INFO, logger="lightning_sr"):
-            predict(L, small_module(models), datamodule, JSONLPredictionWriter(str(output)))
+            with pytest.warns(UserWarning, match="Total length of `DataLoader` across ranks is zero") if run else nullcontext():
+                predict(L, small_module(models), datamodule, JSONLPredictionWriter(str(output)))
     assert "4 of 4 prompts are already in" in caplog.text and "nothing left to do" in caplog.text
     assert len(read_lines(output)) == 4
 
@@ -259,7 +261,8 @@ def test_two_process_ddp_predict_covers_every_prompt_once(tmp_path, models, prom
 def test_memory_profiler_draws_figure_one_from_speculative_rejection(L, tmp_path, models, prompt_file):
     module = small_module(models, n=8, schedule=FixedSchedule([3, 6]), sampling=SamplingParams(max_new_tokens=10))
     predict(L, module, PromptDataModule(str(prompt_file), batch_size=4), GPUMemoryProfiler(dirpath=str(tmp_path)))
-    rows = list(csv.DictReader(open(tmp_path / "memory_predict_generation.csv")))
+    with open(tmp_path / "memory_predict_generation.csv") as file:
+        rows = list(csv.DictReader(file))
     assert {row["batch_idx"] for row in rows} == {"0", "1"}
     for batch in ("0", "1"):
         steps = [row for row in rows if row["batch_idx"] == batch]

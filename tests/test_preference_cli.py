@@ -88,10 +88,11 @@ def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(L, tiny_dir,
     full = main(cli_args(config, tiny_dir, data_path, tmp_path / "full", "--trainer.max_steps=4", *common))
     first = main(cli_args(config, tiny_dir, data_path, tmp_path / "a", *common))
     ckpt = next((tmp_path / "a").rglob("*.ckpt"))
-    resumed = main(
-        cli_args(config, tiny_dir, data_path, tmp_path / "b", "--trainer.max_steps=4", f"--ckpt_path={ckpt}",
-                 *common)
-    )
+    with pytest.warns(UserWarning, match="dirpath has changed"):  # a resumed run with an output folder of its own
+        resumed = main(
+            cli_args(config, tiny_dir, data_path, tmp_path / "b", "--trainer.max_steps=4", f"--ckpt_path={ckpt}",
+                     *common)
+        )
     assert first.trainer.global_step == 2 and resumed.trainer.global_step == 4
     want = full.model.policy.state_dict()
     for name, value in resumed.model.policy.state_dict().items():

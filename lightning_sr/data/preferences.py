@@ -247,6 +247,8 @@ class PreferenceDataModule(LightningDataModule):
             train = [train[i] for i in sorted(order[n_val:])]
         self.train_set = PreferenceDataset(train, encode)
         self.val_set = PreferenceDataset(val, encode) if val else None
+        if self.val_set is None:  # no validation: Lightning then skips it instead of warning about it
+            self.val_dataloader = None
 
     def _collator(self) -> PreferenceCollator:
         tok = self.tokenizer
@@ -266,9 +268,7 @@ class PreferenceDataModule(LightningDataModule):
             drop_last=self.batch_size > 1 and len(self.train_set) % self.batch_size == 1,
         )
 
-    def val_dataloader(self) -> DataLoader | list:
-        if self.val_set is None:
-            return []
+    def val_dataloader(self) -> DataLoader:
         return DataLoader(
             self.val_set,
             batch_size=self.batch_size,

@@ -5,7 +5,7 @@ nothing about models, tokenizers or Lightning, so any training loop can use them
 loss *per example* (reduce it yourself, usually with ``.mean()``) and the implicit rewards
 ``beta * (log pi(y|x) - log r(y|x))``, detached, for logging.
 
-Notation follows DESIGN.md ("Losses"): for a pair with chosen ``c`` and rejected ``r`` responses,
+Notation follows docs/DESIGN.md ("Preference losses"): for a pair with chosen ``c`` and rejected ``r`` responses,
 ``z = (pi_c - pi_r) - (ref_c - ref_r)``.
 """
 

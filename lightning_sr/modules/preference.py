@@ -89,11 +89,9 @@ class PreferenceModule(LightningModule):
         # (they would be saved in checkpoints and moved to the device a second time).
         self._specs = {"policy": policy, "reference": reference, "base": base_model}
         self.policy: nn.Module | None = policy if isinstance(policy, nn.Module) else None
-        self.reference: nn.Module | None = None
+        self._frozen: dict[str, nn.Module] = {}  # the reference: outside the module tree, see below
         self.train_accuracy = BinaryAccuracy()
         self.val_accuracy = BinaryAccuracy()
-        self.register_state_dict_post_hook(_drop_reference_keys)
-        self.register_load_state_dict_post_hook(_ignore_missing_reference_keys)
 
     # ------------------------------------------------------------------ models
     @property
@@ -116,13 +114,22 @@ class PreferenceModule(LightningModule):
                 reference = load_causal_lm(self._specs["reference"], self.dtype_name)
             else:
                 reference = self._specs["reference"]
-            self.reference = reference.requires_grad_(False).eval()
+            self._frozen["reference"] = reference.requires_grad_(False).eval().to(self.device)
 
-    def train(self, mode: bool = True):
-        """Switch train/eval mode, keeping the reference in eval mode (no dropout) always."""
-        super().train(mode)
+    @property
+    def reference(self) -> nn.Module | None:
+        """The frozen reference model, or None before ``configure_model``.
+
+        It is kept outside the module tree, so it is never in a checkpoint, in the optimizer, in
+        ``train()`` (it stays in eval mode: no dropout) or in Lightning's parameter counts; it
+        follows the module's device and dtype moves (``_apply``).
+        """
+        return self._frozen.get("reference")
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
         if self.reference is not None:
-            self.reference.eval()
+            self.reference._apply(fn, *args, **kwargs)
         return self
 
     def _base(self) -> nn.Module:
@@ -213,12 +220,3 @@ class PreferenceModule(LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._shared_step(batch, "val")
 
-
-def _drop_reference_keys(module, state_dict, prefix, local_metadata) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix + "reference.")]:
-        del state_dict[key]
-
-
-def _ignore_missing_reference_keys(module, incompatible_keys) -> None:
-    missing = incompatible_keys.missing_keys
-    missing[:] = [k for k in missing if not k.startswith("reference.")]
