@@ -1,0 +1,131 @@
+"""The online merging table and reward-versus-tax plot from the pipeline's per-model metrics.
+
+Writes ``benchmarks/results/online_merging.{csv,json,png}``: one row per model (base and SFT as
+reference rows, the DPO runs, the offline merges), the Pareto frontier of (reward up, tax down),
+and a plot of the reward side against the tax side (Lu et al., arXiv 2405.17931, Table 4 reads the
+same way: higher reward *and* less alignment tax is better).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+COLUMNS = ["model", "method", "pref_accuracy", "pref_margin", "reward", "sft_exact", "sft_value", "ppl", "train_seconds"]
+
+
+def describe(name: str, runs: dict, merges: dict) -> str:
+    """A short description of how a model was made."""
+    if name == "base":
+        return "base (SmolLM2-135M-Instruct)"
+    if name == "sft":
+        return "SFT (base + unit-conversion SFT)"
+    kind, _, run = name.partition("/")
+    if kind == "merges":
+        m = merges[run]
+        return f"offline {run} merge of AdamW-DPO and SFT (w={m['weight']}, density={m['density']})"
+    config, extra = runs[run]
+    return f"DPO, {config.removeprefix('dpo_').removesuffix('.yaml')}" + "".join(
+        f", {e.split('.')[-1]}" for e in extra
+    )
+
+
+def frontier(rows: list[dict], reward_key: str = "pref_margin", tax_key: str = "sft_exact") -> list[str]:
+    """Models not dominated on (reward_key higher, tax_key higher): the reward-versus-tax frontier."""
+    names = []
+    for row in rows:
+        dominated = any(
+            other[reward_key] >= row[reward_key] and other[tax_key] >= row[tax_key]
+            and (other[reward_key] > row[reward_key] or other[tax_key] > row[tax_key])
+            for other in rows
+        )
+        if not dominated:
+            names.append(row["model"])
+    return names
+
+
+def load_rows(eval_dir: Path, runs: dict, merges: dict) -> list[dict]:
+    rows = []
+    for path in sorted(eval_dir.glob("**/metrics.json")):
+        metrics = json.loads(path.read_text())
+        name = metrics["model"]
+        stage_done = eval_dir.parent / name / "done.json"
+        seconds = json.loads(stage_done.read_text())["seconds"] if name != "base" and stage_done.is_file() else None
+        rows.append({**{k: metrics.get(k) for k in COLUMNS}, "model": name, "method": describe(name, runs, merges),
+                     "train_seconds": seconds, "examples": metrics.get("examples")})
+    order = ["base", "sft", *(f"dpo/{r}" for r in runs), *(f"merges/{m}" for m in merges)]
+    return sorted(rows, key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
+
+
+def plot(rows: list[dict], on_frontier: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    styles = {"base": ("s", "black"), "sft": ("D", "grey"), "adamw": ("o", "tab:red"), "merges": ("^", "tab:orange"),
+              "ondare": ("o", "tab:blue"), "onties": ("P", "tab:green")}
+
+    def style(name: str):
+        if name in ("base", "sft"):
+            return styles[name]
+        kind, _, run = name.partition("/")
+        if kind == "merges":
+            return styles["merges"]
+        return styles[run.split("-")[0]]
+
+    for ax, (reward_key, reward_label) in zip(
+        axes, [("pref_margin", "held-out DPO reward margin (β·log-ratio, chosen − rejected)"),
+               ("reward", "mean minilm-positivity reward of greedy replies")]
+    ):
+        for row in rows:
+            marker, color = style(row["model"])
+            ax.scatter(row[reward_key], row["sft_exact"], marker=marker, color=color, s=70, zorder=3,
+                       edgecolors="black" if row["model"] in on_frontier and ax is axes[0] else "none")
+            ax.annotate(row["model"].split("/")[-1], (row[reward_key], row["sft_exact"]), fontsize=7.5,
+                        xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel(f"reward side: {reward_label}  →")
+        ax.set_ylabel("tax side: held-out unit-conversion exact accuracy  ↑")
+        ax.grid(alpha=0.3)
+    front = sorted((r for r in rows if r["model"] in on_frontier), key=lambda r: r["pref_margin"])
+    axes[0].plot([r["pref_margin"] for r in front], [r["sft_exact"] for r in front], "--", color="grey", zorder=1,
+                 label="frontier (not dominated)")
+    axes[0].legend(loc="lower left", fontsize=8)
+    fig.suptitle("Online merging in miniature: SmolLM2-135M base → unit-conversion SFT → tone DPO (8 steps, CPU)\n"
+                 "up and right is better: more reward, less alignment tax", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(eval_dir: Path, runs: dict, merges: dict, out_dir: Path = RESULTS) -> dict:
+    """Write the CSV, JSON and PNG; return the JSON's content."""
+    import torch
+
+    rows = load_rows(eval_dir, runs, merges)
+    trained = [r for r in rows if r["model"] not in ("base",)]
+    on_frontier = frontier(trained)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "online_merging.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS + ["frontier"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**{k: row[k] for k in COLUMNS}, "frontier": row["model"] in on_frontier})
+    summary = {
+        "rows": rows,
+        "frontier": {"axes": ["pref_margin", "sft_exact"], "models": on_frontier},
+        "runs": {name: {"config": c, "overrides": e} for name, (c, e) in runs.items()},
+        "merges": merges,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
+        "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    (out_dir / "online_merging.json").write_text(json.dumps(summary, indent=2))
+    plot(rows, on_frontier, out_dir / "online_merging.png")
+    return summary
