@@ -62,6 +62,10 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "ondare-a1e-5": ("dpo_ondare.yaml", ["--model.optimizer.init_args.merge_weight=1.0e-5"]),
     "ondare-a1e-2": ("dpo_ondare.yaml", ["--model.optimizer.init_args.merge_weight=1.0e-2"]),
     "ondare-p1e-3": ("dpo_ondare.yaml", ["--model.optimizer.init_args.keep_rate=1.0e-3"]),
+    # A stronger DPO (lr 1e-4: about a third of the SFT stage's update size) where the reward
+    # side moves further within 8 steps, for AdamW and OnDARE side by side.
+    "adamw-lr1e-4": ("dpo_adamw.yaml", ["--model.optimizer.init_args.lr=1.0e-4"]),
+    "ondare-lr1e-4": ("dpo_ondare.yaml", ["--model.optimizer.init_args.lr=1.0e-4"]),
 }
 # Offline merges of the AdamW run (the paper's baselines): base + w * F(dpo - base) + (1 - w) * F(sft - base).
 MERGES = {"linear": dict(weight=0.5, density=1.0), "dare": dict(weight=0.5, density=0.5), "ties": dict(weight=0.5, density=0.5)}
@@ -184,17 +188,19 @@ def run_report(out: Path) -> None:
 
 
 def stages() -> list[Stage]:
-    models = ["base", "sft", *(f"dpo/{r}" for r in RUNS), *(f"merges/{m}" for m in MERGES)]
-    built = {"base": [], "sft": ["sft"]}
-    built.update({f"dpo/{r}": ["sft", f"dpo/{r}"] for r in RUNS})
-    built.update({f"merges/{m}": ["sft", "dpo/adamw", f"merges/{m}"] for m in MERGES})
-    return [
-        Stage("sft", run_sft),
-        *(Stage(f"dpo/{r}", dpo_stage(r), ["sft"]) for r in RUNS),
-        *(Stage(f"merges/{m}", merge_stage(m), ["sft", "dpo/adamw"]) for m in MERGES),
-        *(Stage(f"eval/{m}", eval_stage(m), ["sft", *built[m]]) for m in models),
-        Stage("report", run_report, [f"eval/{m}" for m in models]),
-    ]
+    """Every stage in the order a single copy runs them: each model's evaluation right after it."""
+
+    def evaluation(model: str, needs: list[str]) -> Stage:
+        return Stage(f"eval/{model}", eval_stage(model), ["sft", *needs])
+
+    order = [Stage("sft", run_sft), evaluation("base", []), evaluation("sft", [])]
+    for run in RUNS:
+        order += [Stage(f"dpo/{run}", dpo_stage(run), ["sft"]), evaluation(f"dpo/{run}", [f"dpo/{run}"])]
+    for method in MERGES:
+        order += [Stage(f"merges/{method}", merge_stage(method), ["sft", "dpo/adamw"]),
+                  evaluation(f"merges/{method}", [f"merges/{method}"])]
+    order.append(Stage("report", run_report, [s.name for s in order if s.name.startswith("eval/")]))
+    return order
 
 
 def execute(stage: Stage) -> None:

@@ -1,6 +1,6 @@
 """The online merging table and reward-versus-tax plot from the pipeline's per-model metrics.
 
-Writes ``benchmarks/results/online_merging.{csv,json,png}``: one row per model (base and SFT as
+Writes ``benchmarks/results/online_merging.{csv,json,png}`` and ``online_merging_table.md``: one row per model (base and SFT as
 reference rows, the DPO runs, the offline merges), the Pareto frontier of (reward up, tax down),
 and a plot of the reward side against the tax side (Lu et al., arXiv 2405.17931, Table 4 reads the
 same way: higher reward *and* less alignment tax is better).
@@ -30,9 +30,25 @@ def describe(name: str, runs: dict, merges: dict) -> str:
         m = merges[run]
         return f"offline {run} merge of AdamW-DPO and SFT (w={m['weight']}, density={m['density']})"
     config, extra = runs[run]
-    return f"DPO, {config.removeprefix('dpo_').removesuffix('.yaml')}" + "".join(
-        f", {e.split('.')[-1]}" for e in extra
-    )
+    return "DPO + " + optimizer_summary(ROOT / "configs" / "online_merging" / config, extra)
+
+
+def optimizer_summary(config: Path, overrides: list[str]) -> str:
+    """``"OnDARE (α=1e-3, p=0.01, K=4)"`` from a DPO config and the run's CLI overrides."""
+    import yaml
+
+    optimizer = yaml.safe_load(config.read_text())["model"]["init_args"]["optimizer"]
+    args = dict(optimizer["init_args"])
+    for override in overrides:
+        key, _, value = override.removeprefix("--model.optimizer.init_args.").partition("=")
+        args[key] = float(value)
+    name = optimizer["class_path"].rsplit(".", 1)[-1]
+    if name == "AdamW":
+        return f"AdamW (lr={args['lr']:g})"
+    parts = [f"lr={args['lr']:g}", f"α={args['merge_weight']:g}", f"p={args['keep_rate']:g}"]
+    if args.get("merge_every", 1) > 1:
+        parts.append(f"step-K, K={args['merge_every']}")
+    return f"{name} ({', '.join(parts)})"
 
 
 def frontier(rows: list[dict], reward_key: str = "pref_margin", tax_key: str = "sft_exact") -> list[str]:
@@ -104,6 +120,22 @@ def plot(rows: list[dict], on_frontier: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown_table(rows: list[dict], on_frontier: list[str]) -> str:
+    """The table as Markdown (for RESULTS.md and the README): reward side, then tax side."""
+    lines = [
+        "| model | how it was made | pref. acc. ↑ | pref. margin ↑ | positivity reward ↑ | conversion exact ↑ | conversion value ↑ | Shakespeare ppl ↓ |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        acc = "—" if r["model"] == "sft" else f"{r['pref_accuracy']:.2f}"
+        star = " ★" if r["model"] in on_frontier else ""
+        lines.append(
+            f"| `{r['model']}`{star} | {r['method']} | {acc} | {r['pref_margin']:+.3f} | {r['reward']:.3f} | "
+            f"{r['sft_exact']:.3f} | {r['sft_value']:.3f} | {r['ppl']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def report(eval_dir: Path, runs: dict, merges: dict, out_dir: Path = RESULTS) -> dict:
     """Write the CSV, JSON and PNG; return the JSON's content."""
     import torch
@@ -127,5 +159,6 @@ def report(eval_dir: Path, runs: dict, merges: dict, out_dir: Path = RESULTS) ->
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     (out_dir / "online_merging.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "online_merging_table.md").write_text(markdown_table(rows, on_frontier))
     plot(rows, on_frontier, out_dir / "online_merging.png")
     return summary

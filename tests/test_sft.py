@@ -270,3 +270,54 @@ def test_held_out_conversions_never_occur_in_training():
         dst = r.response.split(" ")[-1].rstrip(".")
         factor = next(f for s, d, f in make.CONVERSIONS if (s, d) == (src, dst))
         assert r.response == f"{n} {src} = {int(n) * factor} {dst}."
+
+
+# ---------------------------------------------------------------- the online merging chain's pieces
+CHAIN_CONFIGS = sorted((ROOT / "configs" / "online_merging").glob("dpo_*.yaml"))
+
+
+def _script(name):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+@pytest.mark.parametrize("config", CHAIN_CONFIGS, ids=lambda c: c.stem)
+def test_chain_dpo_configs_run_on_a_tiny_sft_model(L, config, tiny_dir, tmp_path):
+    pairs = [{"prompt": "hi", "chosen": "a good day , thanks", "rejected": "a bad day"},
+             {"prompt": "help", "chosen": "you are a great friend", "rejected": "i hate you"},
+             {"prompt": "day ?", "chosen": "a great day", "rejected": "awful"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    cli = main(["fit", "--config", str(config), f"--model.policy={tiny_dir}", f"--data.path={path}",
+                f"--data.tokenizer={tiny_dir}", "--trainer.max_steps=1", "--trainer.enable_progress_bar=false",
+                f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                *([f"--model.base_model={tiny_dir}"] if "base_model:" in config.read_text() else [])])
+    assert cli.trainer.global_step == 1 and isinstance(cli.trainer, L.Trainer)
+    expected = {"adamw": "AdamW", "ondare": "OnDARE", "onties": "OnTIES", "stepk": "OnDARE"}[config.stem.split("_")[-1]]
+    assert type(cli.trainer.optimizers[0]).__name__ == expected
+    assert len(cli.datamodule.val_set) == 1  # the held-out split the evaluation reads
+
+
+def test_pipeline_stages_and_runs_are_consistent():
+    pipeline = _script("online_merging_pipeline")
+    names = [s.name for s in pipeline.stages()]
+    assert len(names) == len(set(names))
+    for stage in pipeline.stages():
+        assert all(names.index(n) < names.index(stage.name) for n in stage.needs), stage.name
+    for config, overrides in pipeline.RUNS.values():
+        assert (pipeline.CONFIGS / config).is_file()
+        assert all(o.startswith("--model.optimizer.init_args.") for o in overrides)
+
+
+def test_conversion_scoring_and_frontier():
+    evaluation, report = _script("online_merging_eval"), _script("online_merging_report")
+    answers = ["7 hours = 420 minutes.", "3 feet = 36 inches."]
+    assert evaluation.conversion_scores(["7 hours = 420 minutes.\nextra", "Sure! 3 feet is 36 inches."], answers) == (0.5, 1.0)
+    assert evaluation.conversion_scores(["7 hours = 430 minutes.", "3 feet = 36 inches"], answers) == (0.0, 0.5)
+    rows = [{"model": "a", "pref_margin": 0.1, "sft_exact": 0.9}, {"model": "b", "pref_margin": 0.3, "sft_exact": 0.5},
+            {"model": "c", "pref_margin": 0.2, "sft_exact": 0.4}, {"model": "d", "pref_margin": 0.3, "sft_exact": 0.5}]
+    assert report.frontier(rows) == ["a", "b", "d"]
