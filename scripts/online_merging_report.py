@@ -51,18 +51,20 @@ def optimizer_summary(config: Path, overrides: list[str]) -> str:
     return f"{name} ({', '.join(parts)})"
 
 
-def frontier(rows: list[dict], reward_key: str = "pref_margin", tax_key: str = "sft_exact") -> list[str]:
-    """Models not dominated on (reward_key higher, tax_key higher): the reward-versus-tax frontier."""
-    names = []
-    for row in rows:
-        dominated = any(
-            other[reward_key] >= row[reward_key] and other[tax_key] >= row[tax_key]
-            and (other[reward_key] > row[reward_key] or other[tax_key] > row[tax_key])
-            for other in rows
-        )
-        if not dominated:
-            names.append(row["model"])
-    return names
+OBJECTIVES = (("pref_margin", 1), ("sft_exact", 1), ("ppl", -1))
+"""The frontier's axes: reward margin up, skill accuracy up, general-text perplexity down."""
+
+
+def frontier(rows: list[dict], objectives=OBJECTIVES) -> list[str]:
+    """Models no other model matches or beats on every objective while beating on one (Pareto)."""
+
+    def at_least(a: dict, b: dict) -> bool:
+        return all(sign * a[key] >= sign * b[key] for key, sign in objectives)
+
+    def beats(a: dict, b: dict) -> bool:
+        return at_least(a, b) and any(sign * a[key] > sign * b[key] for key, sign in objectives)
+
+    return [row["model"] for row in rows if not any(beats(other, row) for other in rows)]
 
 
 def load_rows(eval_dir: Path, runs: dict, merges: dict) -> list[dict]:
@@ -79,42 +81,44 @@ def load_rows(eval_dir: Path, runs: dict, merges: dict) -> list[dict]:
 
 
 def plot(rows: list[dict], on_frontier: list[str], path: Path) -> None:
+    """Reward side (x) against the tax side (y) for every model, two reward measures side by side.
+
+    The tax axis is the general-text perplexity (inverted: up is less tax); the skill accuracy is
+    printed next to each point (every model after SFT scored the same here, see RESULTS.md).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
-    styles = {"base": ("s", "black"), "sft": ("D", "grey"), "adamw": ("o", "tab:red"), "merges": ("^", "tab:orange"),
-              "ondare": ("o", "tab:blue"), "onties": ("P", "tab:green")}
+    colors = {"base": "black", "sft": "grey", "adamw": "tab:red", "ondare": "tab:blue", "onties": "tab:green",
+              "linear": "tab:orange", "dare": "tab:orange", "ties": "tab:orange"}
+    markers = {"base": "s", "sft": "D", "merges": "^", "dpo": "o"}
 
     def style(name: str):
-        if name in ("base", "sft"):
-            return styles[name]
         kind, _, run = name.partition("/")
-        if kind == "merges":
-            return styles["merges"]
-        return styles[run.split("-")[0]]
+        key = run.split("-")[0] if run else kind
+        return markers.get(kind, markers.get(name, "o")), colors[key]
 
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
     for ax, (reward_key, reward_label) in zip(
-        axes, [("pref_margin", "held-out DPO reward margin (β·log-ratio, chosen − rejected)"),
-               ("reward", "mean minilm-positivity reward of greedy replies")]
+        axes, [("pref_margin", "held-out DPO reward margin (β·log-ratio vs the SFT model, chosen − rejected)"),
+               ("reward", "mean minilm-positivity reward of greedy replies to unseen prompts")]
     ):
-        for row in rows:
+        for i, row in enumerate(rows):
             marker, color = style(row["model"])
-            ax.scatter(row[reward_key], row["sft_exact"], marker=marker, color=color, s=70, zorder=3,
-                       edgecolors="black" if row["model"] in on_frontier and ax is axes[0] else "none")
-            ax.annotate(row["model"].split("/")[-1], (row[reward_key], row["sft_exact"]), fontsize=7.5,
-                        xytext=(4, 3), textcoords="offset points")
-        ax.set_xlabel(f"reward side: {reward_label}  →")
-        ax.set_ylabel("tax side: held-out unit-conversion exact accuracy  ↑")
+            ax.scatter(row[reward_key], row["ppl"], marker=marker, color=color, s=80, zorder=3,
+                       edgecolors="black" if row["model"] in on_frontier else "none", linewidths=1.5)
+            label = f"{row['model'].split('/')[-1]} ({row['sft_exact']:.0%})"
+            ax.annotate(label, (row[reward_key], row["ppl"]), fontsize=7.5, xytext=(5, 6 if i % 2 else -10),
+                        textcoords="offset points")
+        ax.invert_yaxis()
+        ax.set_xlabel(f"reward side →\n{reward_label}", fontsize=9)
+        ax.set_ylabel("tax side ↑: perplexity on Shakespeare (lower is better)", fontsize=9)
         ax.grid(alpha=0.3)
-    front = sorted((r for r in rows if r["model"] in on_frontier), key=lambda r: r["pref_margin"])
-    axes[0].plot([r["pref_margin"] for r in front], [r["sft_exact"] for r in front], "--", color="grey", zorder=1,
-                 label="frontier (not dominated)")
-    axes[0].legend(loc="lower left", fontsize=8)
     fig.suptitle("Online merging in miniature: SmolLM2-135M base → unit-conversion SFT → tone DPO (8 steps, CPU)\n"
-                 "up and right is better: more reward, less alignment tax", fontsize=10)
+                 "up and right is better; (n%) = held-out unit-conversion exact accuracy; "
+                 "black edge = Pareto frontier (margin, accuracy, perplexity)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -151,7 +155,7 @@ def report(eval_dir: Path, runs: dict, merges: dict, out_dir: Path = RESULTS) ->
             writer.writerow({**{k: row[k] for k in COLUMNS}, "frontier": row["model"] in on_frontier})
     summary = {
         "rows": rows,
-        "frontier": {"axes": ["pref_margin", "sft_exact"], "models": on_frontier},
+        "frontier": {"axes": [f"{key} {'up' if sign > 0 else 'down'}" for key, sign in OBJECTIVES], "models": on_frontier},
         "runs": {name: {"config": c, "overrides": e} for name, (c, e) in runs.items()},
         "merges": merges,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,

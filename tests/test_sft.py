@@ -318,6 +318,7 @@ def test_conversion_scoring_and_frontier():
     answers = ["7 hours = 420 minutes.", "3 feet = 36 inches."]
     assert evaluation.conversion_scores(["7 hours = 420 minutes.\nextra", "Sure! 3 feet is 36 inches."], answers) == (0.5, 1.0)
     assert evaluation.conversion_scores(["7 hours = 430 minutes.", "3 feet = 36 inches"], answers) == (0.0, 0.5)
-    rows = [{"model": "a", "pref_margin": 0.1, "sft_exact": 0.9}, {"model": "b", "pref_margin": 0.3, "sft_exact": 0.5},
-            {"model": "c", "pref_margin": 0.2, "sft_exact": 0.4}, {"model": "d", "pref_margin": 0.3, "sft_exact": 0.5}]
-    assert report.frontier(rows) == ["a", "b", "d"]
+    rows = [{"model": "a", "pref_margin": 0.1, "sft_exact": 0.9, "ppl": 9}, {"model": "b", "pref_margin": 0.3, "sft_exact": 0.5, "ppl": 9},
+            {"model": "c", "pref_margin": 0.2, "sft_exact": 0.4, "ppl": 9}, {"model": "d", "pref_margin": 0.3, "sft_exact": 0.5, "ppl": 9},
+            {"model": "e", "pref_margin": 0.0, "sft_exact": 0.4, "ppl": 5}, {"model": "f", "pref_margin": 0.0, "sft_exact": 0.4, "ppl": 6}]
+    assert report.frontier(rows) == ["a", "b", "d", "e"]
