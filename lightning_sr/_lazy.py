@@ -17,8 +17,10 @@ from typing import Any, Callable
 LIGHTNING_CLASSES = {
     "SpeculativeRejectionModule": "lightning_sr.modules.generation",
     "PreferenceModule": "lightning_sr.modules.preference",
+    "SFTModule": "lightning_sr.modules.sft",
     "PromptDataModule": "lightning_sr.data.prompts",
     "PreferenceDataModule": "lightning_sr.data.preferences",
+    "SFTDataModule": "lightning_sr.data.sft",
     "GPUMemoryProfiler": "lightning_sr.callbacks.memory",
     "JSONLPredictionWriter": "lightning_sr.callbacks.predictions",
     "OnlineMerging": "lightning_sr.callbacks.merging",

@@ -15,7 +15,8 @@ from lightning_sr.cli import main
 from lightning_sr.modules.preference import PreferenceModule
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("fit_*.yaml"))
+# The preference-training configs (fit_sft.yaml trains an SFTModule: tests/test_sft.py).
+CONFIGS = sorted(c for c in (ROOT / "configs").glob("fit_*.yaml") if "PreferenceModule" in c.read_text())
 PAIRS = [
     {"prompt": "was your day good ?", "chosen": "yes a great day , thanks", "rejected": "a bad day"},
     {"prompt": "is paris the capital of france ?", "chosen": "yes it is", "rejected": "no"},

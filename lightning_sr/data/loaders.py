@@ -3,9 +3,10 @@
 A resumed ``fit`` must end exactly where an uninterrupted one would, also when it resumes in the
 middle of an epoch. Two pieces make that so, both the way Lightning expects:
 
-- the order: :class:`EpochShuffle` draws each epoch's permutation from ``(seed, epoch)`` alone,
-  and Lightning tells it the epoch (``set_epoch``, as for its own ``DistributedSampler``), so no
-  RNG state has to survive a restart;
+- the order: :class:`EpochShuffle` draws epoch ``e``'s permutation as the ``(e+1)``-th
+  ``torch.randperm`` of a generator seeded with ``seed``: a function of ``seed`` and the epoch
+  alone, and Lightning tells it the epoch (``set_epoch``, as for its own ``DistributedSampler``),
+  so no RNG state has to survive a restart;
 - the position: Lightning saves and restores the state of any train loader that has
   ``state_dict`` / ``load_state_dict``; torchdata's ``StatefulDataLoader`` saves its sampler's
   state with it, which here is the epoch and how many items of it were drawn (as torchdata's own
@@ -37,7 +38,9 @@ class EpochShuffle(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epoch):  # the earlier epochs' draws: O(epoch x size), cheap
+            torch.randperm(self.size, generator=generator)
         order = torch.randperm(self.size, generator=generator).tolist()
         self.drawn, self._resume_at = self._resume_at, 0
         for index in order[self.drawn :]:
