@@ -219,7 +219,7 @@ def test_memory_profiler_draws_figure_one_from_speculative_rejection(tmp_path, m
         assert [int(row["step"]) for row in steps] == list(range(1, len(steps) + 1))
         for before, row in zip(steps, steps[1:]):
             dropped = int(before["live_rows"]) - int(row["live_rows"])
-            assert dropped == int(row["rejected_rows"]) + int(row["finished_rows"])
+            assert dropped == int(row["rejected_rows"]) + int(row["ended_rows"])
             assert (row["decision"] in ("True", "1")) == (int(row["step"]) in (3, 6))
     assert (tmp_path / "memory_predict_generation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
