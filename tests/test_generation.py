@@ -27,7 +27,7 @@ from lightning_sr.generation import (
     speculative_rejection,
 )
 from lightning_sr.generation.rollout import Rollout, left_pad
-from lightning_sr.generation.sampling import filter_logits
+from lightning_sr.generation.sampling import filter_logits, sample_next_token
 from lightning_sr.rewards import FunctionReward
 
 PROMPTS = ["the good day", "thanks", "please help you we are not very happy today"]
@@ -186,6 +186,17 @@ def test_top_k_and_top_p_filters():
     assert torch.isinf(filter_logits(logits, top_k=0, top_p=0.7)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, top_k=0, top_p=0.75)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, top_k=0, top_p=0.3)).tolist() == [[False, True, True, True]]
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (4, 0.7), (0, 0.7), (0, 1.0)])
+def test_sampling_draws_from_the_filtered_distribution(top_k, top_p):
+    logits = torch.log(torch.tensor([0.05, 0.4, 0.02, 0.25, 0.15, 0.13]))
+    expected = filter_logits(logits[None], top_k, top_p).softmax(-1)[0]
+    params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)
+    draws = sample_next_token(logits.expand(40_000, -1), params, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(draws, minlength=6) / draws.numel()
+    assert torch.equal(frequencies > 0, expected > 0)  # never outside top-k / the nucleus
+    torch.testing.assert_close(frequencies, expected, atol=0.01, rtol=0)
 
 
 def _replay_memory_decisions(events, per_token, budget, min_tokens, first_rows, first_length):
@@ -399,7 +410,7 @@ def test_memory_decision_keeps_ranking_until_the_rows_fit(tokenizer, llama):
         (result,) = speculative_rejection(
             llama, tokenizer, longer_is_better, ["thanks"], n=6, alpha=0.5,
             schedule=MemorySchedule(budget_bytes=24 * per_token, min_tokens=3),  # 2 rows x 12 tokens
-            sampling=SamplingParams(max_new_tokens=16, stop_token_ids=stops), seed=3, observer=events.append,
+            sampling=SamplingParams(max_new_tokens=16, stop_token_ids=stops), seed=47, observer=events.append,
         )
     (decision,) = [e.step for e in events if e.decision]
     finished_early = [c for c in result.candidates if c.eos and len(c.token_ids) + 1 < decision]
@@ -589,7 +600,8 @@ def test_a_user_schedule_drives_the_decisions(tokenizer, llama):
                                       observer=events.append)  # fmt: skip
     decided = [e.step for e in events if e.decision]
     assert decided == [3, 6, 9][: len(decided)] and len(decided) >= 2
-    assert result.stats.live_rows_per_round[:3] == [8, 4, 2][: len(result.stats.live_rows_per_round)]
+    assert result.stats.rounds == len(decided)
+    assert result.stats.live_rows_per_round[0] == 8 and result.stats.live_rows_per_round[1] <= 4
     with pytest.raises(TypeError, match="must implement lightning_sr.generation.Schedule"):
         speculative_rejection(llama, tokenizer, HASH_REWARD, ["thanks"], n=2, schedule=object())
 
