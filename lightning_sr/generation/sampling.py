@@ -65,7 +65,16 @@ def sample_next_token(
         if params.top_p < 1.0:
             probs = values.softmax(-1)
             values = values.masked_fill(probs.cumsum(-1) - probs >= params.top_p, float("-inf"))
-        choice = torch.multinomial(values.softmax(-1), num_samples=1, generator=generator)
-        return candidates.gather(-1, choice).squeeze(-1)
-    probs = filter_logits(logits, 0, params.top_p).softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        return candidates.gather(-1, _draw(values.softmax(-1), generator).unsqueeze(-1)).squeeze(-1)
+    return _draw(filter_logits(logits, 0, params.top_p).softmax(dim=-1), generator)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row, distributed as ``probs``.
+
+    ``torch.multinomial``'s own method for one sample (an exponential race: the same draws for the
+    same generator state), without its validity checks, which read values back to the host and so
+    would stall a CUDA decoding loop at every token.
+    """
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(dim=-1)
