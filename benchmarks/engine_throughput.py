@@ -58,7 +58,7 @@ PRESETS = {
     "tiny": dict(models=["tiny"], rows=[1, 4], greedy_rows=[4], new_tokens=8, repeats=1, decision_rows=[8],
                  decision_length=4, dtype="float32"),
     "embedded": dict(models=["smollm2"], rows=[1, 16, 64, 256], greedy_rows=[64], new_tokens=256, repeats=2,
-                     decision_rows=[64], decision_length=128, dtype="float32"),
+                     once_above=128, decision_rows=[64], decision_length=128, dtype="float32"),
     "gpu": dict(models=["smollm2", "llama-1b"], rows=[1, 16, 64, 256, 1024], greedy_rows=[64, 1024], new_tokens=256,
                 repeats=3, decision_rows=[256], decision_length=128, dtype="bfloat16"),
 }  # fmt: skip
@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--greedy-rows", type=int, nargs="*", help="rows also timed with greedy decoding")
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--repeats", type=int)
+    parser.add_argument("--once-above", type=int, help="time cells of more rows than this only once")
     parser.add_argument("--decision-rows", type=int, nargs="*", help="rows before a timed decision point")
     parser.add_argument("--decision-length", type=int, help="generated tokens at the timed decision point")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
@@ -375,7 +376,7 @@ def measure(args, workers: dict) -> tuple[list[dict], list[dict], list[dict]]:
         cells = [(rows, "sampled") for rows in args.rows] + [(rows, "greedy") for rows in args.greedy_rows]
         for rows, mode in cells:
             results: dict[str, list[dict]] = {impl: [] for impl in impls}
-            for repeat in range(args.repeats):
+            for repeat in range(args.repeats if args.once_above is None or rows <= args.once_above else 1):
                 order = impls[turn % len(impls) :] + impls[: turn % len(impls)]
                 turn += 1
                 for impl in order:

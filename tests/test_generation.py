@@ -224,6 +224,7 @@ def test_memory_schedule_keeps_cache_within_budget(tokenizer, llama):
     )
     assert [e.step for e in events] == list(range(1, len(events) + 1))
     assert max(e.kv_bytes for e in events) <= budget
+    assert all(e.kv_bytes <= e.kv_reserved_bytes <= budget for e in events)  # the arena itself stays within it
     assert all(e.kv_bytes == e.live_rows * e.sequence_length * per_token for e in events if e.live_rows)
     decisions = [e.decision for e in events]
     assert decisions == _replay_memory_decisions(events, per_token, budget, min_tokens, len(PROMPTS) * n, prompt_length)

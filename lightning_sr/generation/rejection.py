@@ -371,11 +371,10 @@ class _Run:
         if self.live.any():
             if checked:
                 self.check_at = self._next_check(step, self.width + step - 1)
-            live = [slot for slot, row in enumerate(rollout.slot_rows) if self.live[row]]
-            few_left = step % self.options.sync_every == 0 and len(live) < self.options.compact_below * rollout.num_slots
+            live = self.live[rollout.slot_rows].nonzero().squeeze(1)  # slots of the live rows
+            few_left = step % self.options.sync_every == 0 and live.numel() < self.options.compact_below * rollout.num_slots
             if checked or few_left or rollout.sequence_length >= rollout.capacity:
-                capacity = max(self._capacity(len(live)), self.width + step)
-                rollout.resize(torch.tensor(live, dtype=torch.long), capacity)
+                rollout.resize(live, max(self._capacity(live.numel()), self.width + step))
         self._emit_events(step)
 
     # ------------------------------------------------------------------ scores and events

@@ -78,7 +78,7 @@ class Rollout:
         self.attention_mask = attention_mask
         self.positions = positions
         self.slots = torch.arange(rows, device=self.device)
-        self.slot_rows = list(range(rows))  # host copy of `slots`
+        self.slot_rows = torch.arange(rows)  # `slots` on the host
         self.limit = limits
         self.tokens = torch.zeros(rows, int(limits.max()), dtype=torch.long, device=self.device)
         self.length = torch.zeros(rows, dtype=torch.long, device=self.device)
@@ -91,7 +91,7 @@ class Rollout:
 
     @property
     def num_slots(self) -> int:
-        return len(self.slot_rows)
+        return self.slot_rows.numel()
 
     @property
     def sequence_length(self) -> int:
@@ -166,7 +166,7 @@ class Rollout:
             self.sampled = self.sampled[index]
         self.positions = self.positions[index]
         self.slots = self.slots[index]
-        self.slot_rows = [self.slot_rows[i] for i in keep.tolist()]
+        self.slot_rows = self.slot_rows[keep]
         self.input_ids = torch.zeros(len(keep), 1, dtype=torch.long, device=self.device)
         if self.graphs is not None:
             self.graphs.clear()
