@@ -564,6 +564,29 @@ def test_compacting_ended_rows_does_not_change_greedy_results(tokenizer, llama):
     assert len({len(row) for row in ids[0]}) >= 4  # rows really ended at different steps
 
 
+def test_the_cache_is_freed_when_the_call_returns(tokenizer, llama, monkeypatch):
+    """No reference cycle keeps the KV arena alive until the garbage collector runs."""
+    import gc
+    import weakref
+
+    caches = []
+    init = StaticKVCache.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        caches.append(weakref.ref(self))
+
+    monkeypatch.setattr(StaticKVCache, "__init__", recording_init)
+    gc.collect()
+    gc.disable()
+    try:
+        speculative_rejection(llama, tokenizer, HASH_REWARD, PROMPTS, n=4, alpha=0.5, schedule=FixedSchedule([2]),
+                              sampling=SamplingParams(max_new_tokens=5))  # fmt: skip
+        assert len(caches) == 1 and caches[0]() is None
+    finally:
+        gc.enable()
+
+
 def test_best_of_n_reserves_the_prompts_plus_max_new_tokens(tokenizer, llama):
     events = []
     best_of_n(llama, tokenizer, CONSTANT, PROMPTS, n=2, sampling=SamplingParams(max_new_tokens=9), observer=events.append)

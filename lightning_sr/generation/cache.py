@@ -1,4 +1,4 @@
-"""A preallocated KV cache, written in place, that any transformers causal LM accepts.
+"""A preallocated KV cache, written in place, that transformers causal LMs accept as their cache.
 
 Every row of the batch shares one column layout (left padding), so decoding a token writes one
 column for all rows at once: ``keys[:, :, t] = k``. Nothing is concatenated or re-gathered per
@@ -8,18 +8,22 @@ The keys and values of all layers are views of one flat *arena*, laid out as
 ``[layers, 2, rows, kv_heads, capacity, head_dim]`` for the rows and capacity of the current
 round (the authors of the paper allocate ``[layers, rows, cur_len + gen_len, kv_heads,
 head_dim]`` per round). Between two decision points the shape is fixed; at a decision the
-survivors are moved within the same arena into the next round's shape (:meth:`resize`), so a
-memory budget sized arena is allocated once and never exceeded. Each layer's block stays
-contiguous, which is what attention kernels read best.
+survivors are moved within the same arena into the next round's shape (:meth:`resize`), so an
+arena sized to a memory budget is allocated once and never exceeded (a move stages one layer's
+keys or values of the survivors in a scratch tensor). Each layer's block stays contiguous, which
+is what attention kernels read best.
 
 The model sees an ordinary ``transformers.Cache``: ``update`` writes the new column at
 ``write_index`` (a device tensor, so the step can be replayed from a CUDA graph) and returns the
 first ``visible`` columns; the query offset is that same device tensor; ``is_compileable`` is
 true so the mask code never reads device values back. Sliding-window layers are stored in full
-and the model's own sliding-window mask restricts what they attend to.
+and the model's own sliding-window mask restricts what they attend to. Models with other layer
+kinds (linear attention, chunked attention, shared KV) are refused with a clear error.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -36,7 +40,9 @@ class _ArenaLayer(CacheLayerMixin):
 
     def __init__(self, cache: "StaticKVCache"):
         super().__init__()
-        self.cache = cache
+        # A weak reference: a cycle would keep the arena allocated until the garbage collector
+        # runs, after the call returned (and, on CUDA, out of the next call's free memory).
+        self.cache = weakref.proxy(cache)
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:  # the arena is allocated up front

@@ -87,7 +87,7 @@ class Rollout:
         self.eos_ids = torch.as_tensor(list(eos_ids), dtype=torch.long, device=self.device)
         self.input_ids = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         self.sampled: torch.Tensor | None = None
-        self.graphs = _Graphs(self) if self.device.type == "cuda" and self.options.cuda_graphs else None
+        self.graphs = _Graphs() if self.device.type == "cuda" and self.options.cuda_graphs else None
 
     @property
     def num_slots(self) -> int:
@@ -135,7 +135,7 @@ class Rollout:
         self.input_ids.copy_((self.sampled if tokens is None else tokens).unsqueeze(1))
         self.attention_mask[:, self.cache.length] = True
         self.positions.add_(1)
-        if self.graphs is not None and self.graphs.replay():
+        if self.graphs is not None and self.graphs.replay(self):
             self.logits = self.graphs.logits
         else:
             self.cache.visible = self.cache.length + 1
@@ -250,8 +250,7 @@ class _Graphs:
     current token. Graphs share one memory pool and are dropped when the batch is compacted.
     """
 
-    def __init__(self, rollout: Rollout):
-        self.rollout = rollout
+    def __init__(self):
         self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.logits: torch.Tensor | None = None
@@ -260,11 +259,11 @@ class _Graphs:
     def clear(self) -> None:
         self.graphs.clear()
 
-    def replay(self) -> bool:
+    def replay(self, rollout: Rollout) -> bool:
         """Decode the current token from a graph; False when graphs are off (eager fallback)."""
         if self.failed:
             return False
-        rollout, cache = self.rollout, self.rollout.cache
+        cache = rollout.cache
         bucket = rollout.options.graph_bucket
         visible = min(cache.capacity, -(-(cache.length + 1) // bucket) * bucket)
         key = (rollout.num_slots, cache.capacity, visible)
