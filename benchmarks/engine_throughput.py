@@ -33,13 +33,14 @@ Usage::
     .venv/bin/python benchmarks/engine_throughput.py --preset tiny                   # seconds
 
 Writes ``benchmarks/results/engine_throughput_<preset>.{csv,json,png}``,
-``engine_step_times_<preset>.csv`` and ``engine_decision_<preset>.csv`` (``--out`` changes the
-folder).
+``engine_step_times_<preset>.csv``, ``engine_decision_<preset>.csv`` and, as the runs end,
+``engine_runs_<preset>.jsonl`` (``--out`` changes the folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -256,6 +257,7 @@ def worker(args: argparse.Namespace) -> None:
         model, tokenizer = loaded[job["model"]]
         with torch.inference_mode():
             result = run_job(job, model, tokenizer, prompt)
+        gc.collect()  # free the run's cache before the next one (256 rows of SmolLM2: 3.7 GB)
         print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -367,6 +369,9 @@ def model_facts(name: str, args) -> dict:
 def measure(args, workers: dict) -> tuple[list[dict], list[dict], list[dict]]:
     impls = [impl for impl in IMPLS if impl in workers or impl == "generate"]
     rows_out, steps_out, decisions = [], [], []
+    log = args.out / f"engine_runs_{args.preset}.jsonl"  # every run as it ends, in case a later one fails
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
     turn = 0
     for model in args.models:
         facts = model_facts(model, args)
@@ -385,6 +390,8 @@ def measure(args, workers: dict) -> tuple[list[dict], list[dict], list[dict]]:
                            "repeat": repeat}  # fmt: skip
                     results[impl].append(owner.run(job))
                     done = results[impl][-1]
+                    with open(log, "a") as handle:
+                        handle.write(json.dumps({**job, "seconds": done["seconds"], "tokens": done["tokens"]}) + "\n")
                     print(f"{model} {mode} rows={rows} {impl}: {done['tokens'] / done['seconds']:.1f} tok/s", flush=True)
             rates = {}
             for impl, runs in results.items():
