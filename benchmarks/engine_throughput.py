@@ -261,24 +261,34 @@ def worker(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps(result), flush=True)
 
 
+class WorkerDied(RuntimeError):
+    pass
+
+
 class Worker:
     """A worker subprocess running this script with ``lightning_sr`` from ``pythonpath``."""
 
     def __init__(self, pythonpath: Path, args: argparse.Namespace):
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--preset", args.preset,
-                   "--device", args.device, "--dtype", args.dtype]  # fmt: skip
+        self.command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--preset", args.preset,
+                        "--device", args.device, "--dtype", args.dtype]  # fmt: skip
         if args.threads:
-            command += ["--threads", str(args.threads)]
-        env = {**os.environ, "PYTHONPATH": str(pythonpath)}
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            self.command += ["--threads", str(args.threads)]
+        self.env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env)
 
     def run(self, job: dict) -> dict:
+        """The job's result; a worker that died (out of memory, say) is restarted and the job fails."""
         self.process.stdin.write(json.dumps(job) + "\n")
         self.process.stdin.flush()
         for line in self.process.stdout:
             if line.startswith("RESULT "):
                 return json.loads(line[len("RESULT ") :])
-        raise RuntimeError(f"the benchmark worker exited ({self.process.wait()}) during {job}")
+        code = self.process.wait()
+        self.start()
+        raise WorkerDied(f"the benchmark worker exited with {code} during {job}")
 
     def close(self) -> None:
         self.process.stdin.close()
@@ -366,9 +376,9 @@ def model_facts(name: str, args) -> dict:
     }
 
 
-def measure(args, workers: dict) -> tuple[list[dict], list[dict], list[dict]]:
+def measure(args, workers: dict) -> tuple[list[dict], list[dict], list[dict], list[str]]:
     impls = [impl for impl in IMPLS if impl in workers or impl == "generate"]
-    rows_out, steps_out, decisions = [], [], []
+    rows_out, steps_out, decisions, failed = [], [], [], []
     log = args.out / f"engine_runs_{args.preset}.jsonl"  # every run as it ends, in case a later one fails
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
@@ -378,21 +388,32 @@ def measure(args, workers: dict) -> tuple[list[dict], list[dict], list[dict]]:
         for impl in impls:  # warm-up: load the model, first kernels
             owner = workers["baseline" if impl == "baseline" else "engine"]
             owner.run({"model": model, "kind": impl, "rows": 2, "new_tokens": 4, "repeat": 0})
+        for rows in args.decision_rows:
+            job = {"model": model, "kind": "decision", "rows": rows, "length": args.decision_length, "new_tokens": 0}
+            decision = workers["engine"].run(job)
+            decisions.append({"model": model, "rows": rows, "survivors": rows // 2 + rows % 2,
+                              "generated": args.decision_length, **decision,
+                              "reprefill_over_resize": decision["reprefill_s"] / decision["resize_s"]})  # fmt: skip
         cells = [(rows, "sampled") for rows in args.rows] + [(rows, "greedy") for rows in args.greedy_rows]
-        for rows, mode in cells:
+        for rows, mode in sorted(cells, key=lambda cell: (cell[0], cell[1] == "greedy")):  # the largest last
             results: dict[str, list[dict]] = {impl: [] for impl in impls}
-            for repeat in range(args.repeats if args.once_above is None or rows <= args.once_above else 1):
-                order = impls[turn % len(impls) :] + impls[: turn % len(impls)]
-                turn += 1
-                for impl in order:
-                    owner = workers["baseline" if impl == "baseline" else "engine"]
-                    job = {"model": model, "kind": impl, "rows": rows, "mode": mode, "new_tokens": args.new_tokens,
-                           "repeat": repeat}  # fmt: skip
-                    results[impl].append(owner.run(job))
-                    done = results[impl][-1]
-                    with open(log, "a") as handle:
-                        handle.write(json.dumps({**job, "seconds": done["seconds"], "tokens": done["tokens"]}) + "\n")
-                    print(f"{model} {mode} rows={rows} {impl}: {done['tokens'] / done['seconds']:.1f} tok/s", flush=True)
+            try:
+                for repeat in range(args.repeats if args.once_above is None or rows <= args.once_above else 1):
+                    order = impls[turn % len(impls) :] + impls[: turn % len(impls)]
+                    turn += 1
+                    for impl in order:
+                        owner = workers["baseline" if impl == "baseline" else "engine"]
+                        job = {"model": model, "kind": impl, "rows": rows, "mode": mode,
+                               "new_tokens": args.new_tokens, "repeat": repeat}  # fmt: skip
+                        results[impl].append(owner.run(job))
+                        done = results[impl][-1]
+                        with open(log, "a") as handle:
+                            handle.write(json.dumps({**job, "seconds": done["seconds"], "tokens": done["tokens"]}) + "\n")
+                        print(f"{model} {mode} rows={rows} {impl}: {done['tokens'] / done['seconds']:.1f} tok/s", flush=True)
+            except WorkerDied as error:
+                print(f"cell {model} {mode} rows={rows} failed: {error}", flush=True)
+                failed.append(f"{model} {mode} rows={rows}: {error}")
+                continue
             rates = {}
             for impl, runs in results.items():
                 seconds = statistics.median(run["seconds"] for run in runs)
@@ -411,13 +432,7 @@ def measure(args, workers: dict) -> tuple[list[dict], list[dict], list[dict]]:
                 row["vs_baseline"] = row["tokens_per_s"] / rates["baseline"] if "baseline" in rates else None
                 row["roofline_tok_s"] = bound
                 row["of_roofline"] = row["tokens_per_s"] / bound if bound else None
-        for rows in args.decision_rows:
-            job = {"model": model, "kind": "decision", "rows": rows, "length": args.decision_length, "new_tokens": 0}
-            decision = workers["engine"].run(job)
-            decisions.append({"model": model, "rows": rows, "survivors": rows // 2 + rows % 2,
-                              "generated": args.decision_length, **decision,
-                              "reprefill_over_resize": decision["reprefill_s"] / decision["resize_s"]})  # fmt: skip
-    return rows_out, steps_out, decisions
+    return rows_out, steps_out, decisions, failed
 
 
 def plot(tput: list[dict], steps: list[dict], path: Path, title: str) -> None:
@@ -471,7 +486,7 @@ def main(argv=None) -> tuple[list[dict], list[dict], list[dict]]:
         if not args.no_baseline:
             workers["baseline"] = Worker(extract_baseline(args.baseline_ref, Path(folder)), args)
         try:
-            tput, steps, decisions = measure(args, workers)
+            tput, steps, decisions, failed = measure(args, workers)
         finally:
             for worker_process in workers.values():
                 worker_process.close()
@@ -495,6 +510,8 @@ def main(argv=None) -> tuple[list[dict], list[dict], list[dict]]:
         },
     }  # fmt: skip
     print(f"targets: {json.dumps(targets)}")
+    for cell in failed:
+        print(f"FAILED: {cell}")
     stem = args.out / f"engine_throughput_{args.preset}"
     write_csv(stem.with_suffix(".csv"), tput)
     write_csv(args.out / f"engine_step_times_{args.preset}.csv", steps)
@@ -508,8 +525,10 @@ def main(argv=None) -> tuple[list[dict], list[dict], list[dict]]:
             "command": command_line(),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "machine": {**machine_info(), "load_average_at_start": load},
+            "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
             "models": {model: model_facts(model, args) for model in args.models},
             "targets": targets,
+            "failed_cells": failed,
             "throughput": tput,
             "step_times": steps,
             "decision": decisions,
