@@ -71,28 +71,44 @@ def test_sr_vs_bon_tiny_writes_csv_json_and_plot(sr_vs_bon, tmp_path):
 
 
 def test_engine_throughput_tiny_writes_csvs_and_plot(tmp_path):
+    """The engine, the engine of a git ref (in its own process) and generate, side by side."""
     engine_throughput = load_script("engine_throughput")
-    argv = ["--preset", "tiny", "--batch-sizes", "1", "2", "--new-tokens", "4", "--prune-batches", "4",
-            "--prune-lengths", "2", "--repeats", "1", "--out", str(tmp_path)]  # fmt: skip
+    argv = ["--preset", "tiny", "--rows", "1", "3", "--greedy-rows", "3", "--new-tokens", "6", "--decision-rows", "4",
+            "--decision-length", "2", "--repeats", "1", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)]  # fmt: skip
     engine_throughput.main(argv)
     rows = read_csv(tmp_path / "engine_throughput_tiny.csv")
-    assert [(r["mode"], int(r["batch"]), r["impl"]) for r in rows] == [
-        (mode, batch, impl)
-        for mode in ("greedy", "sampled")
-        for batch in (1, 2)
-        for impl in ("generate", "rollout", "best_of_n")
-    ]
-    for row in rows:
-        if row["impl"] in ("generate", "rollout"):  # no early stop: exactly batch x new tokens
-            assert float(row["tokens"]) == int(row["batch"]) * 4
-        assert float(row["tokens_per_s"]) > 0
-    (prune,) = read_csv(tmp_path / "engine_pruning_tiny.csv")
-    assert (int(prune["batch"]), int(prune["survivors"]), int(prune["generated"])) == (4, 2, 2)
-    # Dropping rows gives the survivors the same next-token logits as re-prefilling them.
-    assert float(prune["max_logit_diff"]) < 1e-4
+    cells = [("sampled", 1), ("sampled", 3), ("greedy", 3)]
+    assert sorted((r["mode"], int(r["rows"]), r["impl"]) for r in rows) == sorted(
+        (mode, batch, impl) for mode, batch in cells for impl in ("engine", "baseline", "generate")
+    )
+    for row in rows:  # EOS disabled: exactly rows x new tokens for every implementation
+        assert float(row["tokens"]) == int(row["rows"]) * 6
+        assert float(row["tokens_per_s"]) > 0 and float(row["vs_baseline"]) > 0
+    steps = read_csv(tmp_path / "engine_step_times_tiny.csv")
+    assert {(r["mode"], int(r["rows"]), r["impl"]) for r in steps} == {
+        (mode, batch, impl) for mode, batch in cells for impl in ("engine", "baseline", "generate")
+    }
+    assert all(float(r["ms_per_step"]) > 0 for r in steps)
+    (decision,) = read_csv(tmp_path / "engine_decision_tiny.csv")
+    assert (int(decision["rows"]), int(decision["survivors"]), int(decision["generated"])) == (4, 2, 2)
+    # Moving the survivors within the cache gives the same next-token logits as re-prefilling them.
+    assert float(decision["max_logit_diff"]) < 1e-4
     assert (tmp_path / "engine_throughput_tiny.png").read_bytes()[:8] == PNG_MAGIC
     meta = json.loads((tmp_path / "engine_throughput_tiny.json").read_text())
-    assert set(meta["targets"]) == {"loop_vs_generate", "prune_vs_reprefill"}
+    assert set(meta["targets"]) == {"engine_vs_baseline", "engine_vs_generate"}
+    assert meta["models"]["tiny"]["kv_bytes_per_token"] > 0
+
+
+def test_step_profile_spreads_bursts_over_their_steps():
+    engine_throughput = load_script("engine_throughput")
+    # Steps 1-4 one by one (10 ms each after the prefill), then steps 5-8 read back together after
+    # 80 ms: 20 ms each. Bins of steps 2-7 (step 1 holds the prefill, the last step is left out).
+    marks = [(0, 0.0), (1, 0.5), (2, 0.51), (3, 0.52), (4, 0.53), (8, 0.61)]
+    assert engine_throughput.step_bins(8, bins=2) == [(2, 4), (5, 7)]
+    assert engine_throughput.step_profile(marks, 8, bins=2) == pytest.approx([10.0, 20.0])
+    assert engine_throughput.step_bins(256) == [(2 + 32 * i, min(255, 33 + 32 * i)) for i in range(8)]
+    assert engine_throughput.roofline({"prompt_tokens": 10, "kv_bytes_per_token": 100, "weight_bytes": 1000}, 2, 4, 1e-6) \
+        == pytest.approx(2 / ((1000 + 2 * 12.5 * 100) / 1000))
 
 
 def test_improvement_score_follows_the_paper(sr_vs_bon):

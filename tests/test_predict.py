@@ -164,6 +164,23 @@ def test_user_callback_from_a_yaml_file_runs_alongside_ours(L, tmp_path, monkeyp
     assert seen["steps"] >= 3 * 8
 
 
+def test_a_users_own_schedule_from_the_command_line(L, tmp_path, monkeypatch, models, prompt_file):
+    """Any class with the Schedule protocol's three methods works from the command line, no base
+    class needed, replacing the config's MemorySchedule (whose arguments are dropped)."""
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "predictions.jsonl"
+    main(cli_args("predict_sr.yaml", models, prompt_file, writer_file(tmp_path, output),
+                  "--model.schedule=user_callbacks.EveryKTokens", "--model.schedule.k=5"))
+    records = read_lines(output)
+    assert len(records) == len(PROMPTS)
+    assert all(record["stats"]["rounds"] == 24 // 5 for record in records)  # at 5, 10, 15 and 20 tokens
+
+
+def test_a_schedule_without_the_protocols_methods_is_rejected_at_construction():
+    with pytest.raises(TypeError, match="must implement lightning_sr.generation.Schedule"):
+        SpeculativeRejectionModule(schedule=object())
+
+
 def test_plain_python_predict_with_model_objects(L, caplog):
     tokenizer = make_tokenizer()
     module = SpeculativeRejectionModule(
@@ -269,7 +286,7 @@ def test_memory_profiler_draws_figure_one_from_speculative_rejection(L, tmp_path
         assert [int(row["step"]) for row in steps] == list(range(1, len(steps) + 1))
         for before, row in zip(steps, steps[1:]):
             dropped = int(before["live_rows"]) - int(row["live_rows"])
-            assert dropped == int(row["rejected_rows"]) + int(row["finished_rows"])
+            assert dropped == int(row["rejected_rows"]) + int(row["ended_rows"])
             assert (row["decision"] in ("True", "1")) == (int(row["step"]) in (3, 6))
     assert (tmp_path / "memory_predict_generation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -47,13 +47,19 @@ def test_several_labels_need_a_label_index():
     _, tokenizer = tiny_reward_model()
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                         num_attention_heads=2, num_labels=2)
+    torch.manual_seed(0)
     model = BertForSequenceClassification(config).eval()
     with pytest.raises(ValueError, match="2 labels"):
         HFRewardModel(model, tokenizer)
-    logits = model(**tokenizer(["GOOD"], return_tensors="pt")).logits
-    scores = HFRewardModel(model, tokenizer, label_index=1).score(["GOOD"], [""])
-    assert scores.shape == (1,) and torch.isfinite(scores).all()
-    assert logits.shape == (1, 2)
+    # The score of each pair is the chosen label's logit on the pair as the reward model encodes it.
+    prompts, responses = ["GOOD", "THE DAY"], ["", "I LOVE THIS CITY"]
+    for label_index in (0, 1):
+        reward = HFRewardModel(model, tokenizer, label_index=label_index)
+        logits = torch.stack([
+            model(input_ids=torch.tensor([ids])).logits[0] for ids in reward.encode(prompts, responses)
+        ])  # fmt: skip
+        assert logits.shape == (2, 2) and not torch.allclose(logits[:, 0], logits[:, 1])
+        torch.testing.assert_close(reward.score(prompts, responses), logits[:, label_index], rtol=1e-5, atol=1e-5)
 
 
 def test_model_object_without_tokenizer_is_an_error():

@@ -1,4 +1,5 @@
-"""Callbacks a user might add through a ``callbacks/*.yaml`` file (importable in tests).
+"""Callbacks a user might add through a ``callbacks/*.yaml`` file, and a schedule of their own
+(importable in tests).
 
 Written once on lightning-sr's stand-in ``Callback``; the module's ``__getattr__`` hands a class
 path such as ``user_callbacks.RecordingCallback`` the class built for the Lightning package in use.
@@ -7,6 +8,9 @@ path such as ``user_callbacks.RecordingCallback`` the class built for the Lightn
 import json
 from pathlib import Path
 
+import torch
+
+from lightning_sr.generation import DecodeState
 from lightning_sr.lightning_packages import Callback, resolve
 
 
@@ -40,6 +44,22 @@ class _FailAtBatch(Callback):
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if batch_idx == self.batch_idx:
             raise RuntimeError(f"simulated crash at batch {batch_idx}")
+
+
+class EveryKTokens:
+    """A user's schedule (no lightning_sr base class): decide at every multiple of ``k`` tokens."""
+
+    def __init__(self, k: int = 4):
+        self.k = k
+
+    def kv_budget(self, device: torch.device) -> int | None:
+        return None
+
+    def next_check(self, state: DecodeState) -> int | None:
+        return (state.step // self.k + 1) * self.k
+
+    def should_decide(self, state: DecodeState) -> bool:
+        return state.step % self.k == 0
 
 
 def __getattr__(name):

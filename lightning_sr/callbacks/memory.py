@@ -67,7 +67,7 @@ GENERATION_KEYS = (
     "device",
     "decision",
     "rejected_rows",
-    "finished_rows",
+    "ended_rows",
     "round",
     "num_prompts",
 )
@@ -473,7 +473,7 @@ class GPUMemoryProfiler(Callback):
                 "device": self._sampler.label,
                 "decision": int(bool(event.decision)),
                 "rejected_rows": event.rejected_rows,
-                "finished_rows": event.finished_rows,
+                "ended_rows": event.ended_rows,
                 "round": event.round,
                 "num_prompts": event.num_prompts,
             }

@@ -4,24 +4,50 @@ from __future__ import annotations
 
 import torch
 
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+"""Layer types the engine's static cache holds (a sliding-window layer is stored in full)."""
 
-def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
-    """Bytes one token of one row adds to a full-attention KV cache.
 
-    ``2 (keys and values) x layers x kv_heads x head_dim x bytes per element``, read from the
-    model config (the text config for multimodal models). Sliding-window layers are counted as
-    full layers, so the figure is an upper bound for such models.
+def kv_shape(model_config) -> tuple[int, int, int]:
+    """``(layers, kv_heads, head_dim)`` of a causal LM's KV cache, read from its config.
+
+    Uses the text config of multimodal models. Raises ``NotImplementedError`` for layers the
+    engine's cache cannot hold (linear attention, chunked attention, shared KV, ...).
     """
-    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    layers = config.num_hidden_layers
+    config = text_config(model_config)
+    layer_types = getattr(config, "layer_types", None) or ()
+    unsupported = sorted(set(layer_types) - set(ATTENTION_LAYER_TYPES))
+    if unsupported or getattr(config, "attention_chunk_size", None):
+        raise NotImplementedError(
+            f"the generation engine caches full and sliding-window attention layers only; this model has "
+            f"{unsupported or ['chunked_attention']} layers"
+        )
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
+    """Bytes one token of one row takes in the engine's KV cache.
+
+    ``2 (keys and values) x layers x kv_heads x head_dim x bytes per element``. Exact for the
+    engine's :class:`~lightning_sr.generation.cache.StaticKVCache`, which keeps every layer's full
+    history (a sliding-window layer's mask hides what lies outside its window).
+    """
+    layers, kv_heads, head_dim = kv_shape(model_config)
     return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def text_config(model_config):
+    """The decoder's config: the text config of a multimodal model, the config itself otherwise."""
+    if hasattr(model_config, "get_text_config"):
+        return model_config.get_text_config(decoder=True)
+    return model_config
+
+
 def cache_bytes(cache) -> int:
-    """Bytes held by the key and value tensors of a transformers ``Cache``."""
+    """Bytes held by the key and value tensors of a transformers ``Cache``, one layer at a time."""
     total = 0
     for layer in getattr(cache, "layers", ()):
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):

@@ -1,25 +1,33 @@
 """Speculative Rejection (Sun et al., NeurIPS 2024, arXiv 2410.20290) and Best-of-N on one engine.
 
-All rows of all prompts decode together. At a decision point the partial responses are scored by
-the reward model and, within each prompt's group, only the best
-``max(1, ceil((1 - alpha) x group size))`` rows survive (the paper's Algorithm 1 with its
-quantile cut written as a top-k). Finished rows of the group take part in the ranking with their
-final scores. The answer for each prompt is its best *final-scored* response. ``alpha = 0`` never
-rejects: that is Best-of-N, so both methods are compared on the same engine.
+Algorithm 1 of the paper, with every sample of every prompt in one batch: prefill each prompt
+once, then sample a token for every row, mark the rows it ended, and at a decision point (chosen
+by the :class:`~lightning_sr.generation.schedules.Schedule`) score the partial responses and keep
+the best of each prompt's pool (:func:`~lightning_sr.generation.decision.select_survivors`). The
+answer for each prompt is its best *final-scored* response. ``alpha = 0`` never rejects: that is
+Best-of-N, so both methods are compared on the same engine, with the same samples for a seed.
+
+Row state is a handful of host tensors over every row, one name per concept: ``live`` (still
+decoding), ended (not live, for any reason), ``eos`` (ended by an EOS or stop token), ``final``
+(has its final score), ``rejected_at`` (0 or the length at which it was rejected) and ``pool``
+(still ranked at decisions: live, or ended and never ranked out). The device keeps its own copy of
+what decoding changes (:class:`~lightning_sr.generation.rollout.Rollout`), read back every step on
+CPU and every few steps on CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
+from lightning_sr.generation.decision import _keep_counts, select_survivors
 from lightning_sr.generation.memory import kv_bytes_per_token
-from lightning_sr.generation.prompts import Prompt, encode_prompts, stop_token_ids
+from lightning_sr.generation.prompts import Prompt, encode_prompts, row_limits, stop_token_ids
 from lightning_sr.generation.results import (
     Candidate,
     GenerationResult,
@@ -27,11 +35,10 @@ from lightning_sr.generation.results import (
     Observer,
     StepEvent,
     best_final,
-    rank_key,
 )
-from lightning_sr.generation.rollout import Rollout, prefill
+from lightning_sr.generation.rollout import DecodeOptions, Rollout, _sync_debug_mode, prefill
 from lightning_sr.generation.sampling import SamplingParams, sample_next_token
-from lightning_sr.generation.schedules import FixedSchedule, MemorySchedule, Schedule
+from lightning_sr.generation.schedules import DecodeState, FixedSchedule, MemorySchedule, Schedule
 from lightning_sr.rewards.base import RewardModel, checked_scores
 
 
@@ -48,6 +55,7 @@ def speculative_rejection(
     seed: int = 0,
     observer: Observer | None = None,
     chat_template: bool = True,
+    options: DecodeOptions | None = None,
 ) -> list[GenerationResult]:
     """Sample ``n`` responses per prompt, rejecting the weakest ``alpha`` at each decision point.
 
@@ -57,14 +65,15 @@ def speculative_rejection(
             ``chat_template`` is true.
         reward: a :class:`~lightning_sr.rewards.RewardModel`.
         prompts: strings or chat message lists, decoded together in one batch.
-        n: samples per prompt, or ``"auto"``: as many as the memory budget allows while still
-            reaching ``min_tokens`` (needs a :class:`MemorySchedule`).
+        n: samples per prompt, or ``"auto"``: as many as the schedule's memory budget allows
+            while still reaching ``min_tokens`` (needs a schedule with a budget).
         alpha: fraction rejected at each decision point, in [0, 1). 0 is Best-of-N.
-        schedule: :class:`MemorySchedule` (default; the paper's) or :class:`FixedSchedule`.
-            Ignored when ``alpha == 0``.
+        schedule: any :class:`~lightning_sr.generation.Schedule`; default
+            :class:`MemorySchedule` (the paper's). Ignored when ``alpha == 0``.
         sampling: :class:`SamplingParams`.
         seed: seed of the sampling generator; the same seed gives the same samples.
-        observer: called with a :class:`StepEvent` after every decoding step.
+        observer: called with a :class:`StepEvent` for every decoding step.
+        options: :class:`DecodeOptions` (read-back cadence, CUDA graphs).
 
     Returns:
         One :class:`GenerationResult` per prompt, in order.
@@ -73,26 +82,32 @@ def speculative_rejection(
         raise ValueError(f"alpha must be in [0, 1), got {alpha}")
     sampling = sampling or SamplingParams()
     schedule = MemorySchedule() if schedule is None else schedule
-    if not isinstance(schedule, (MemorySchedule, FixedSchedule)):
-        raise TypeError(f"schedule must be a MemorySchedule or a FixedSchedule, got {type(schedule).__name__}")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(
+            f"schedule must implement lightning_sr.generation.Schedule (kv_budget, next_check, should_decide), "
+            f"got {type(schedule).__name__}"
+        )
     if isinstance(prompts, (str, dict)) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of strings or chat message lists")
     if n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n must be a positive integer or 'auto', got {n!r}")
-    if n == "auto" and (alpha == 0 or not isinstance(schedule, MemorySchedule)):
-        raise ValueError(
-            "n='auto' sizes n from the memory budget, which only rejection keeps: it needs alpha > 0 "
-            "and a MemorySchedule (Best-of-N keeps every row to the end: give n)"
-        )
+    auto_error = ValueError(
+        "n='auto' sizes n from the memory budget, which only rejection keeps: it needs alpha > 0 "
+        "and a MemorySchedule (or another schedule with a kv_budget); Best-of-N keeps every row "
+        "to the end: give n"
+    )
+    if n == "auto" and alpha == 0:
+        raise auto_error
 
     prompt_ids = encode_prompts(tokenizer, prompts, chat_template=chat_template)
-    limits = _row_limits(model, prompt_ids, sampling.max_new_tokens)
-    budget, per_token = None, kv_bytes_per_token(model.config, _cache_dtype(model))
-    if isinstance(schedule, MemorySchedule) and (alpha > 0 or n == "auto"):
-        budget = schedule.resolve_budget(model.device)
-        n = _fit_n(n, budget, per_token, prompt_ids, min(schedule.min_tokens, sampling.max_new_tokens))
-    if alpha == 0:
-        schedule, budget = FixedSchedule([]), None
+    limits = row_limits(model.config, prompt_ids, sampling.max_new_tokens)
+    per_token = kv_bytes_per_token(model.config, _cache_dtype(model))
+    budget = None if alpha == 0 else schedule.kv_budget(model.device)
+    if n == "auto" and budget is None:
+        raise auto_error
+    if budget is not None:
+        min_tokens = min(getattr(schedule, "min_tokens", 1), max(limits))
+        n = _fit_n(n, budget, per_token, prompt_ids, min_tokens)
     run = _Run(
         model=model,
         tokenizer=tokenizer,
@@ -100,12 +115,13 @@ def speculative_rejection(
         prompts=list(prompts),
         n=n,
         alpha=alpha,
-        schedule=schedule,
+        schedule=schedule if alpha > 0 else None,
         budget=budget,
         per_token=per_token,
         sampling=sampling,
         eos_ids=stop_token_ids(model, tokenizer, sampling.stop_token_ids),
         observer=observer,
+        options=options or DecodeOptions(),
     )
     with torch.inference_mode():
         return run.generate(prompt_ids, limits, seed)
@@ -122,10 +138,12 @@ def best_of_n(
     seed: int = 0,
     observer: Observer | None = None,
     chat_template: bool = True,
+    options: DecodeOptions | None = None,
 ) -> list[GenerationResult]:
     """Best-of-N: sample ``n`` complete responses per prompt and keep the best-scored one.
 
     Exactly :func:`speculative_rejection` with ``alpha=0``: same engine, same samples for a seed.
+    The KV cache is sized once, to the prompts plus ``max_new_tokens``.
     """
     return speculative_rejection(
         model,
@@ -139,6 +157,7 @@ def best_of_n(
         seed=seed,
         observer=observer,
         chat_template=chat_template,
+        options=options,
     )
 
 
@@ -150,82 +169,58 @@ def _cache_dtype(model) -> torch.dtype:
     return model.dtype
 
 
-def keep_count(group_size: int, alpha: float) -> int:
-    """Rows a group keeps at a decision point: ``max(1, ceil((1 - alpha) x group size))``."""
-    return max(1, math.ceil((1.0 - alpha) * group_size - 1e-9))
-
-
-def _row_limits(model, prompt_ids: list[list[int]], max_new_tokens: int) -> list[int]:
-    """Tokens each prompt's rows may generate: ``max_new_tokens`` or what the context leaves."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    limits = []
-    for index, ids in enumerate(prompt_ids):
-        if context is not None and len(ids) >= context:
-            raise ValueError(
-                f"prompt {index} has {len(ids)} tokens, which leaves no room in the generator's "
-                f"context of {context} tokens"
-            )
-        limits.append(max_new_tokens if context is None else min(max_new_tokens, context - len(ids)))
-    return limits
-
-
 def _fit_n(n, budget: int, per_token: int, prompt_ids: list[list[int]], min_tokens: int) -> int:
     """Check (or, for ``n='auto'``, choose) n so every row reaches ``min_tokens`` in the budget.
 
     Before the first possible decision the cache grows to ``rows x (prompt + min_tokens - 1)``
     tokens: the token sampled at ``min_tokens`` enters the cache only after the decision.
     """
+    prompts = len(prompt_ids)
     per_row = (max(len(ids) for ids in prompt_ids) + min_tokens - 1) * per_token
-    fits = budget // (per_row * len(prompt_ids))
+    fits = budget // (per_row * prompts)
+    if fits < 1:
+        raise ValueError(
+            f"the memory budget of {budget} bytes cannot hold one row per prompt for {min_tokens} "
+            f"tokens: {prompts} prompts need at least {per_row * prompts} bytes ({per_row} per row); "
+            "raise the budget, lower min_tokens or send fewer prompts per batch"
+        )
     if n == "auto":
-        if fits < 1:
-            raise ValueError(
-                f"the memory budget of {budget} bytes cannot hold even one row per prompt for "
-                f"{min_tokens} tokens ({per_row} bytes per row, {len(prompt_ids)} prompts): raise "
-                "the budget, lower min_tokens or send fewer prompts per batch"
-            )
         return int(fits)
     if n > fits:
         raise ValueError(
-            f"n={n} rows per prompt need {n * per_row * len(prompt_ids)} bytes of KV cache to reach "
-            f"min_tokens={min_tokens}, but the memory budget is {budget} bytes: use n<={fits}, "
-            "n='auto', or a larger budget"
+            f"n={n} rows per prompt need {n * per_row * prompts} bytes of KV cache to reach "
+            f"min_tokens={min_tokens}, but the memory budget is {budget} bytes: it fits n<={fits} "
+            f"(or use n='auto', or a budget of at least {n * per_row * prompts} bytes)"
         )
     return n
 
 
-@dataclass
-class _Row:
-    """Bookkeeping of one sampled response (one row of the batch)."""
-
-    group: int
-    length: int = 0
-    stopped: bool = False
-    ended: bool = False
-    rejected_at: int | None = None
-    score: float = float("nan")
-    scored_final: bool = False
-    scored_at: int = 0  # step of the last partial score
-    in_pool: bool = True
-
-
 class _Run:
-    """One call of the engine: the batch's rows, their scores and the per-prompt statistics."""
+    """One call of the engine: the rows, their scores and the per-prompt statistics."""
 
-    def __init__(self, model, tokenizer, reward, prompts, n, alpha, schedule, budget, per_token, sampling, eos_ids, observer):
+    def __init__(self, model, tokenizer, reward, prompts, n, alpha, schedule, budget, per_token, sampling, eos_ids, observer, options):
         self.model, self.tokenizer, self.reward, self.prompts = model, tokenizer, reward, prompts
-        self.n, self.alpha, self.schedule, self.budget, self.per_token = n, alpha, schedule, budget, per_token
-        self.sampling, self.eos_ids, self.observer = sampling, eos_ids, observer
+        self.n, self.alpha, self.schedule, self.per_token = n, alpha, schedule, per_token
+        self.budget_tokens = None if budget is None else budget // per_token
+        self.budget, self.sampling, self.eos_ids, self.observer = budget, sampling, eos_ids, observer
+        self.options = options
         self.device = model.device
-        self.rows = [_Row(group=r // n) for r in range(len(prompts) * n)]
+        rows = len(prompts) * n
+        self.group = torch.arange(rows) // n
+        self.live = torch.ones(rows, dtype=torch.bool)
+        self.eos = torch.zeros(rows, dtype=torch.bool)
+        self.length = torch.zeros(rows, dtype=torch.long)
+        self.final = torch.zeros(rows, dtype=torch.bool)
+        self.score = torch.full((rows,), math.nan)
+        self.rejected_at = torch.zeros(rows, dtype=torch.long)
+        self.pool = torch.ones(rows, dtype=torch.bool)
         self.stats = [GenerationStats(live_rows_per_round=[n]) for _ in prompts]
-        self.pending: list[int] = []  # ended rows waiting for their final score
-        self.reward_calls: list[tuple[float, list[int]]] = []  # (seconds, rows scored)
+        self.reward_calls: list[tuple[float, torch.Tensor, list[int] | None]] = []
         self.rounds = 0
-        self.last_decision = 0
-        self.group_decided_at: dict[int, int] = {}
-        self.peak_kv = 0
+        self.window: dict = {}
+        self.check_at: int | None = None
+        self.emitted, self.live_emitted = 0, rows  # last step with an event, live rows after it
+        self.peak_kv = self.peak_reserved = 0
 
     def generate(self, prompt_ids: list[list[int]], limits: list[int], seed: int) -> list[GenerationResult]:
         if self.device.type == "cuda":
@@ -233,191 +228,245 @@ class _Run:
         start = time.perf_counter()
         generator = torch.Generator(device=self.device).manual_seed(seed)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        rollout = prefill(self.model, prompt_ids, self.n, pad_id)
-        self.peak_kv = rollout.kv_bytes
-        row_limit = torch.tensor(limits, device=self.device).repeat_interleave(self.n)
-        self.tokens = torch.zeros(len(self.rows), max(limits), dtype=torch.long, device=self.device)
-        eos = torch.tensor(self.eos_ids, device=self.device)
-
-        step = 0
-        while rollout.num_rows:
-            step += 1
-            next_tokens = sample_next_token(rollout.logits, self.sampling, generator)
-            self.tokens[rollout.row_ids, step - 1] = next_tokens
-            stopped = torch.isin(next_tokens, eos)
-            ended = stopped | (step >= row_limit[rollout.row_ids])
-            alive = ~ended
-            ended_rows = rollout.row_ids[ended].tolist()
-            for row, stop in zip(ended_rows, stopped[ended].tolist()):
-                self._end_row(row, step, stop)
-            live = rollout.num_rows - len(ended_rows)
-
-            decision = self._is_decision(step, rollout, live)
-            rejected = 0
-            while decision:
-                shrank, dropped = self._decide(step, rollout, alive)
-                rejected += dropped
-                live -= dropped
-                if not self._over_budget(rollout, live):
-                    break
-                if not shrank:  # every pool is down to one row and still no room
-                    self._stop_for_budget(step, rollout, alive)
-                    live = 0
-                    break
-            if live < rollout.num_rows:  # only then is there anything to drop
-                rollout.keep(alive.nonzero().squeeze(1))
-                next_tokens = next_tokens[alive]
-            if live:
-                rollout.step(next_tokens)
-            kv_bytes = rollout.kv_bytes if rollout.num_rows else 0
-            self.peak_kv = max(self.peak_kv, kv_bytes)
-            if self.observer is not None:
-                self.observer(
-                    StepEvent(
-                        step=step,
-                        sequence_length=rollout.sequence_length,
-                        live_rows=rollout.num_rows,
-                        kv_bytes=kv_bytes,
-                        rejected_rows=rejected,
-                        finished_rows=len(ended_rows),
-                        decision=decision,
-                        round=self.rounds,
-                        num_prompts=len(self.prompts),
-                    )
-                )
-        self._score(self.pending, partial_rows=[])
+        self.width, self.max_limit = max(len(ids) for ids in prompt_ids), max(limits)
+        if self.schedule is not None:
+            self.check_at = self._next_check(0, self.width)
+        rows = len(self.group)
+        capacity = self._capacity(rows)
+        arena = rows * capacity
+        if self.budget_tokens is not None:  # every later round fits in the first allocation
+            arena = max(arena, min(self.budget_tokens, rows * (self.width + self.max_limit - 1)))
+        self.rollout = prefill(
+            self.model, prompt_ids, self.n, pad_id, limits=limits, capacity=capacity, arena_tokens=arena,
+            eos_ids=self.eos_ids, dtype=_cache_dtype(self.model), options=self.options,
+        )  # fmt: skip
+        self._decode(self.rollout, generator)
+        self._score(final_rows=self._pending_finals(), partial_rows=torch.zeros(0, dtype=torch.long))
         return self._results(time.perf_counter() - start)
 
-    def _end_row(self, row: int, step: int, stopped: bool) -> None:
-        state = self.rows[row]
-        state.length, state.stopped, state.ended = step, stopped, True
-        self.pending.append(row)
+    def _decode(self, rollout: Rollout, generator: torch.Generator) -> None:
+        """Algorithm 1 of the paper, one generated token per iteration."""
+        step = 0
+        with self._no_syncs():  # with DecodeOptions(debug_syncs=True) a host sync here raises
+            while True:
+                step += 1
+                tokens = sample_next_token(rollout.logits, self.sampling, generator)
+                rollout.mark(tokens, step)  # rows ended by EOS, stop ids or length: on the device
+                if self._must_read_back(step, rollout):
+                    with _sync_debug_mode("default"):
+                        self._read_back(rollout, step)
+                        checked = self._is_check(step, rollout)
+                        if checked and self.live.any() and self.schedule.should_decide(self._state(step)):
+                            self._reject(step)  # score the partial responses, keep each pool's best
+                        self._next_round(rollout, step, checked)  # compact, size the cache, emit events
+                        if not self.live.any():
+                            return
+                rollout.step()  # append the sampled tokens of the slots left
 
-    def _over_budget(self, rollout: Rollout, live: int) -> bool:
-        """Would one more token for each of the ``live`` rows push the KV cache past the budget?"""
-        if self.budget is None:
-            return False
-        return live * (rollout.sequence_length + 1) * self.per_token > self.budget
+    # ------------------------------------------------------------------ when to look, what to do
 
-    def _is_decision(self, step: int, rollout: Rollout, live: int) -> bool:
-        if self.alpha == 0 or live == 0:
-            return False
-        if isinstance(self.schedule, FixedSchedule):
-            return step in self.schedule.lengths
-        return step >= self.schedule.min_tokens and self._over_budget(rollout, live)
+    def _no_syncs(self):
+        debug = self.options.debug_syncs and self.device.type == "cuda"
+        return _sync_debug_mode("error") if debug else contextlib.nullcontext()
 
-    def _decide(self, step: int, rollout: Rollout, alive: torch.Tensor) -> tuple[bool, int]:
-        """Score the pools that must shrink and reject their weakest rows (``alive`` is updated).
+    def _must_read_back(self, step: int, rollout: Rollout) -> bool:
+        """Every step on CPU; on CUDA every ``sync_every`` steps, at checks and at a round's end."""
+        return (
+            self.device.type != "cuda"
+            or step % self.options.sync_every == 0
+            or step == self.check_at
+            or rollout.sequence_length >= rollout.capacity
+            or step >= self.max_limit
+        )
 
-        A pool is a prompt's live rows plus its ended rows not yet rejected (those rank with their
-        final scores). Under a memory budget this may run again at the same step until the rows
-        fit; partial responses already scored at this step are not scored again. Returns whether
-        any pool shrank and how many live rows were rejected.
+    def _is_check(self, step: int, rollout: Rollout) -> bool:
+        """The schedule is asked at the step it named and whenever the round's cache is full."""
+        return self.schedule is not None and (step == self.check_at or rollout.sequence_length >= rollout.capacity)
+
+    def _read_back(self, rollout: Rollout, step: int) -> None:
+        live, eos, length = rollout.read_back()
+        self.live &= live  # rows this host already ended (rejected, out of memory) stay ended
+        self.eos, self.length = eos, length
+        # What the events of the steps since the last read-back need: their state before this step's decision.
+        self.window = {"rounds": self.rounds, "reserved": rollout.cache.reserved_bytes, "decided": False, "rejected": 0}
+
+    def _state(self, step: int) -> DecodeState:
+        return DecodeState(
+            step=step,
+            sequence_length=self.width + step - 1,
+            live_rows=int(self.live.sum()),
+            num_prompts=len(self.prompts),
+            kv_bytes_per_token=self.per_token,
+            kv_budget_bytes=self.budget,
+        )
+
+    def _next_check(self, step: int, sequence_length: int) -> int | None:
+        state = DecodeState(step, sequence_length, int(self.live.sum()), len(self.prompts), self.per_token, self.budget)
+        check = self.schedule.next_check(state)
+        if check is not None and check <= step:
+            raise ValueError(f"{type(self.schedule).__name__}.next_check returned {check} at step {step}: it must be later")
+        return check
+
+    def _capacity(self, rows: int) -> int:
+        """Columns of the next round: to the next check (or the last token), within the budget."""
+        end = self.max_limit if self.check_at is None else min(self.check_at, self.max_limit)
+        columns = self.width + end - 1  # the token sampled at `end` enters the cache after the check
+        if self.budget_tokens is not None:
+            columns = min(columns, self.budget_tokens // max(rows, 1))
+        return columns
+
+    def _reject(self, step: int) -> None:
+        """One decision point: score the pools that shrink, keep the best rows of each (Alg. 1).
+
+        The rows that still fit in the budget, ``budget // (columns after this token)``, cap the
+        live survivors (see :func:`select_survivors`).
         """
-        live_rows = set(rollout.row_ids[alive].tolist())
-        for row in live_rows:
-            self.rows[row].length = step
-        pools: dict[int, list[int]] = {}
-        for row, state in enumerate(self.rows):
-            if state.in_pool and (state.ended or row in live_rows):
-                pools.setdefault(state.group, []).append(row)
-        shrinking = {g: rows for g, rows in pools.items() if keep_count(len(rows), self.alpha) < len(rows)}
-        if not shrinking:
-            return False, 0
-        first_pass = self.last_decision != step
-        self.last_decision = step
-        self.rounds += first_pass
-        partial = [
-            row for rows in shrinking.values() for row in rows if not self.rows[row].ended and self.rows[row].scored_at != step
-        ]
-        for row in partial:
-            self.rows[row].scored_at = step
-        self._score(self.pending, partial_rows=partial)
-        rejected = set()
-        for group, rows in shrinking.items():
-            ranked = sorted(rows, key=lambda row: (-rank_key(self.rows[row].score), row))
-            for row in ranked[keep_count(len(rows), self.alpha) :]:
-                self.rows[row].in_pool = False
-                if row in live_rows:
-                    self.rows[row].rejected_at = step
-                    rejected.add(row)
-            stats = self.stats[group]
-            survivors = len([r for r in rows if r in live_rows and r not in rejected])
-            if self.group_decided_at.get(group) == step:  # a further pass at the same decision point
-                stats.live_rows_per_round[-1] = survivors
-            else:
-                self.group_decided_at[group] = step
-                stats.rounds += 1
-                stats.live_rows_per_round.append(survivors)
-        if rejected:
-            dropped = torch.tensor([row in rejected for row in rollout.row_ids.tolist()], device=alive.device)
-            alive &= ~dropped
-        return True, len(rejected)
+        pooled = self.pool.nonzero().squeeze(1)
+        groups = self.group[pooled]
+        sizes = torch.bincount(groups, minlength=len(self.prompts))
+        shrinking = (_keep_counts(sizes, self.alpha) < sizes).nonzero().squeeze(1)
+        self.window["decided"] = True
+        if shrinking.numel() == 0:
+            return
+        self.rounds += 1
+        partial = pooled[torch.isin(groups, shrinking) & self.live[pooled]]
+        self._score(final_rows=self._pending_finals(), partial_rows=partial)
+        columns = self.width + step  # after the token sampled at this step is appended
+        max_live = None if self.budget_tokens is None else self.budget_tokens // columns
+        keep = select_survivors(self.score[pooled], groups, ~self.live[pooled], self.alpha, max_live)
+        dropped = pooled[~keep]
+        rejected = dropped[self.live[dropped]]
+        self.pool[dropped] = False
+        self.live[rejected] = False
+        self.rejected_at[rejected] = step
+        self.rollout.end(rejected)
+        for group in shrinking.tolist():
+            self.stats[group].rounds += 1
+            self.stats[group].live_rows_per_round.append(int((self.live & (self.group == group)).sum()))
+        self.window["rejected"] = int(rejected.numel())
 
-    def _stop_for_budget(self, step: int, rollout: Rollout, alive: torch.Tensor) -> None:
-        """No rejection can make room: the live rows end here and are scored as they are."""
-        live_rows = rollout.row_ids[alive].tolist()
+    def _stop_rows_that_cannot_fit(self, step: int) -> None:
+        """No rejection made room for one more token: the live rows end here, scored as they are."""
+        live = self.live.nonzero().squeeze(1)
+        if self.budget_tokens is None or live.numel() * (self.width + step) <= self.budget_tokens:
+            return
         warnings.warn(
             f"the memory budget of {self.budget} bytes cannot hold one more token for the "
-            f"{len(live_rows)} rows left after rejecting at {step} tokens: they stop here and are "
-            "scored as they are (raise the budget or lower n)",
-            stacklevel=4,
+            f"{live.numel()} rows left at {step} tokens: they stop here and are scored as they are "
+            "(raise the budget or lower n)",
+            stacklevel=5,
         )
-        for row in live_rows:
-            self._end_row(row, step, stopped=False)
-        alive.zero_()
+        self.live[live] = False
+        self.rollout.end(live)
 
-    def _response_ids(self, rows: list[int]) -> list[list[int]]:
-        """Generated ids of each row, without the stop token that ended it."""
-        ids = self.tokens[rows].tolist()
-        return [row_ids[: self.rows[row].length - self.rows[row].stopped] for row, row_ids in zip(rows, ids)]
+    def _next_round(self, rollout: Rollout, step: int, checked: bool) -> None:
+        """Stop the rows the budget cannot hold, compact the batch to its live rows and size the
+        cache for the next round when needed, then emit the events of the steps read back.
 
-    def _score(self, final_rows: list[int], partial_rows: list[int]) -> None:
+        The batch is compacted at a check (a decision, or a full cache) and when few rows are left
+        decoding (looked at every ``sync_every`` steps, so CPU and CUDA compact alike), never
+        otherwise.
+        """
+        self._stop_rows_that_cannot_fit(step)
+        if self.live.any():
+            if checked:
+                self.check_at = self._next_check(step, self.width + step - 1)
+            live = self.live[rollout.slot_rows].nonzero().squeeze(1)  # slots of the live rows
+            few_left = step % self.options.sync_every == 0 and live.numel() < self.options.compact_below * rollout.num_slots
+            if checked or few_left or rollout.sequence_length >= rollout.capacity:
+                rollout.resize(live, max(self._capacity(live.numel()), self.width + step))
+        self._emit_events(step)
+
+    # ------------------------------------------------------------------ scores and events
+
+    def _pending_finals(self) -> torch.Tensor:
+        """Rows that ended without being rejected and have no final score yet."""
+        return (~self.live & ~self.final & (self.rejected_at == 0)).nonzero().squeeze(1)
+
+    def _response_ids(self, rows: torch.Tensor) -> list[list[int]]:
+        """Generated ids of each row, without the EOS or stop token that ended it."""
+        ids = self.rollout.tokens[rows.to(self.device)].tolist()
+        ends = (self.length[rows] - self.eos[rows].long()).tolist()
+        return [row_ids[:end] for row_ids, end in zip(ids, ends)]
+
+    def _score(self, final_rows: torch.Tensor, partial_rows: torch.Tensor) -> None:
         """One reward call: final scores for ended rows, partial scores for live ones."""
-        rows = list(final_rows) + list(partial_rows)
-        if not rows:
+        rows = torch.cat([final_rows, partial_rows])
+        if rows.numel() == 0:
             return
         texts = self.tokenizer.batch_decode(self._response_ids(rows), skip_special_tokens=True)
-        prompts = [self.prompts[self.rows[row].group] for row in rows]
+        prompts = [self.prompts[group] for group in self.group[rows].tolist()]
         _synchronize(self.device)
         start = time.perf_counter()
         scores = checked_scores(self.reward, prompts, texts)
         _synchronize(self.device)
-        self.reward_calls.append((time.perf_counter() - start, rows))
         counts = getattr(self.reward, "last_token_counts", None)
-        counts = counts if counts is not None and len(counts) == len(rows) else [0] * len(rows)
-        for row, score, tokens in zip(rows, scores, counts):
-            state = self.rows[row]
-            state.score = score
-            state.scored_final = state.ended
-            self.stats[state.group].reward_tokens += int(tokens)
-        for group in {self.rows[row].group for row in rows}:
+        counts = [int(c) for c in counts] if counts is not None and len(counts) == rows.numel() else None
+        self.reward_calls.append((time.perf_counter() - start, rows, counts))
+        self.score[rows] = torch.tensor(scores, dtype=self.score.dtype)
+        self.final[final_rows] = True
+        for group, tokens in zip(self.group[rows].tolist(), counts or [0] * rows.numel()):
+            self.stats[group].reward_tokens += tokens
+        for group in set(self.group[rows].tolist()):
             self.stats[group].reward_calls += 1
-        self.pending = []
+
+    def _emit_events(self, step: int) -> None:
+        """One :class:`StepEvent` per step since the last read-back, rebuilt from the rows' lengths."""
+        window = self.window
+        decided, rejected, reserved, rounds = window["decided"], window["rejected"], window["reserved"], window["rounds"]
+        ended = self.length[~self.live & (self.rejected_at == 0)]
+        ended_at = torch.bincount(ended, minlength=step + 1).tolist()
+        for at in range(self.emitted + 1, step + 1):
+            now = at == step
+            drop = ended_at[at] + (rejected if now else 0)
+            live = self.live_emitted - drop
+            length = self.width + at - (live == 0)
+            self.peak_kv = max(self.peak_kv, live * length * self.per_token)
+            reserved_now = self.rollout.cache.reserved_bytes if now else reserved
+            self.peak_reserved = max(self.peak_reserved, reserved_now)
+            if self.observer is not None:
+                self.observer(
+                    StepEvent(
+                        step=at,
+                        sequence_length=length,
+                        live_rows=live,
+                        kv_bytes=live * length * self.per_token,
+                        rejected_rows=rejected if now else 0,
+                        ended_rows=ended_at[at],
+                        decision=decided and now,
+                        round=self.rounds if now else rounds,
+                        num_prompts=len(self.prompts),
+                        kv_reserved_bytes=reserved_now,
+                    )
+                )
+            self.emitted, self.live_emitted = at, live
+            if live == 0:
+                break
 
     def _results(self, total_seconds: float) -> list[GenerationResult]:
-        reward_seconds = sum(seconds for seconds, _ in self.reward_calls)
+        reward_seconds = sum(seconds for seconds, _, _ in self.reward_calls)
         generation_seconds = max(0.0, total_seconds - reward_seconds)
         peak_memory = int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
-        all_rows = list(range(len(self.rows)))
-        ids = self._response_ids(all_rows)
+        rows = torch.arange(len(self.group))
+        ids = self._response_ids(rows)
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         candidates: list[list[Candidate]] = [[] for _ in self.prompts]
-        for row, state in enumerate(self.rows):
-            candidates[state.group].append(
-                Candidate(texts[row], ids[row], state.score, state.stopped, state.scored_final, state.rejected_at)
-            )
-            self.stats[state.group].tokens_generated += state.length
-            self.stats[state.group].nan_rewards += int(state.scored_final and math.isnan(state.score))
+        for row, group in enumerate(self.group.tolist()):
+            rejected_at = int(self.rejected_at[row]) or None
+            score, final = float(self.score[row]), bool(self.final[row])
+            candidates[group].append(Candidate(texts[row], ids[row], score, bool(self.eos[row]), final, rejected_at))
+            self.stats[group].tokens_generated += int(self.length[row])
+            self.stats[group].nan_rewards += int(final and math.isnan(score))
+        for seconds, scored, counts in self.reward_calls:  # by reward tokens, else by rows
+            weights = counts if counts and sum(counts) > 0 else [1] * scored.numel()
+            for group, weight in zip(self.group[scored].tolist(), weights):
+                self.stats[group].reward_seconds += seconds * weight / sum(weights)
         total_tokens = sum(stats.tokens_generated for stats in self.stats) or 1
-        for seconds, rows in self.reward_calls:
-            for row in rows:
-                self.stats[self.rows[row].group].reward_seconds += seconds / len(rows)
         results = []
         for group, prompt in enumerate(self.prompts):
             stats = self.stats[group]
             stats.generation_seconds = generation_seconds * stats.tokens_generated / total_tokens
-            stats.peak_kv_bytes = self.peak_kv
+            stats.peak_kv_bytes, stats.peak_kv_reserved_bytes = self.peak_kv, self.peak_reserved
             stats.peak_memory_bytes = peak_memory
             best = best_final(candidates[group])
             results.append(GenerationResult(prompt, best.text, best.reward, candidates[group], stats))

@@ -11,28 +11,35 @@ from typing import Any, Callable
 class StepEvent:
     """One decoding step of a batch, as seen by an observer (memory profiler, progress display).
 
-    Emitted after the step's token was appended and any rows were dropped, so ``live_rows`` and
-    ``kv_bytes`` describe the cache the next step will run on.
+    Describes the batch after the step's token was appended and any rows were dropped, so
+    ``live_rows`` and ``kv_bytes`` describe the cache the next step runs on. On CPU events come
+    after every step; on CUDA they come in bursts at each read-back of the rows' state (every
+    few steps), each one still describing its own step.
     """
 
     step: int
-    """Tokens generated so far by the rows still alive (1 after the first sampled token)."""
+    """Tokens generated so far by the rows still live (1 after the first sampled token)."""
     sequence_length: int
-    """Length of the KV cache: padded prompt length plus ``step``."""
+    """KV-cache columns written: padded prompt length plus ``step`` (minus one once no row is live)."""
     live_rows: int
     """Rows still decoding after this step."""
     kv_bytes: int
-    """Bytes held by the KV cache after this step (measured on the cache tensors)."""
+    """Bytes of keys and values the live rows hold: ``live_rows x sequence_length x``
+    :func:`~lightning_sr.generation.kv_bytes_per_token`."""
     rejected_rows: int = 0
-    """Rows dropped by a rejection decision at this step (0 when no decision happened)."""
-    finished_rows: int = 0
-    """Rows that ended at this step (EOS, ``max_new_tokens`` or the model's context)."""
+    """Live rows rejected at a decision point at this step."""
+    ended_rows: int = 0
+    """Rows that ended at this step without being rejected (EOS or stop token, length limit, or
+    no room left in the memory budget)."""
     decision: bool = False
     """Whether a decision point (reward scoring and rejection) happened at this step."""
     round: int = 0
     """Number of decision points passed so far in this batch."""
     num_prompts: int = 0
     """Prompts in the batch being decoded."""
+    kv_reserved_bytes: int = 0
+    """Bytes allocated for the KV cache (measured on its tensor): the live rows' ``kv_bytes``,
+    rows that ended but still hold a slot, and room preallocated for the tokens to come."""
 
 
 Observer = Callable[[StepEvent], Any]
@@ -44,12 +51,13 @@ class Candidate:
 
     text: str
     token_ids: list[int]
+    """Generated ids, without the EOS or stop token that ended the response."""
     reward: float
     """The final score when ``final`` is true, else the last partial score before rejection."""
-    finished: bool
-    """Ended with an EOS / stop token (False when cut at ``max_new_tokens`` or rejected)."""
+    eos: bool
+    """Ended with an EOS or stop token (False when cut at the length limit or rejected)."""
     final: bool = True
-    """The response is complete (EOS or length limit) and ``reward`` is its final score."""
+    """The response ended without being rejected and ``reward`` is its final score."""
     rejected_at: int | None = None
     """Generated length at which the candidate was rejected, or None if it was never rejected."""
 
@@ -59,7 +67,7 @@ class Candidate:
 
 @dataclass
 class GenerationStats:
-    """Per-prompt statistics. Seconds are the batch's wall time shared out in proportion to tokens."""
+    """Per-prompt statistics of one generation call (a batch of prompts decoded together)."""
 
     rounds: int = 0
     """Decision points at which this prompt's rows were scored."""
@@ -67,13 +75,20 @@ class GenerationStats:
     """Rows decoding for this prompt at the start and after each decision point."""
     tokens_generated: int = 0
     reward_calls: int = 0
+    """Reward-model calls that scored at least one of this prompt's rows."""
     reward_tokens: int = 0
+    """Tokens the reward model read for this prompt's rows (when it reports them)."""
     nan_rewards: int = 0
     """Candidates whose final score came back NaN (they rank last)."""
     generation_seconds: float = 0.0
+    """The batch's decoding time, shared out in proportion to the tokens each prompt generated."""
     reward_seconds: float = 0.0
+    """Each reward call's time, shared out in proportion to the reward tokens of each row scored
+    (in equal parts per row when the reward model reports no token counts)."""
     peak_kv_bytes: int = 0
-    """Peak KV-cache bytes of the batch this prompt was decoded in."""
+    """Peak of the batch's :attr:`StepEvent.kv_bytes` (keys and values of the live rows)."""
+    peak_kv_reserved_bytes: int = 0
+    """Peak of the batch's :attr:`StepEvent.kv_reserved_bytes` (the KV cache allocated)."""
     peak_memory_bytes: int | None = None
     """Peak CUDA memory allocated during the call (None on CPU)."""
 

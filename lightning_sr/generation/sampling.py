@@ -51,9 +51,30 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 def sample_next_token(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """One token id per row of ``logits`` ([rows, vocab]) drawn as ``params`` say."""
+    """One token id per row of ``logits`` ([rows, vocab]) drawn as ``params`` say.
+
+    With a top-k filter the draw is made among the ``top_k`` candidates only (the same
+    distribution as masking the rest of the vocabulary, at a fraction of the cost: a draw over
+    the full vocabulary was the largest cost of a decoding step after the model itself).
+    """
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    logits = logits.float() / params.temperature
+    if 0 < params.top_k < logits.size(-1):
+        values, candidates = torch.topk(logits, params.top_k, dim=-1)  # sorted, best first
+        if params.top_p < 1.0:
+            probs = values.softmax(-1)
+            values = values.masked_fill(probs.cumsum(-1) - probs >= params.top_p, float("-inf"))
+        return candidates.gather(-1, _draw(values.softmax(-1), generator).unsqueeze(-1)).squeeze(-1)
+    return _draw(filter_logits(logits, 0, params.top_p).softmax(dim=-1), generator)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row, distributed as ``probs``.
+
+    ``torch.multinomial``'s own method for one sample (an exponential race: the same draws for the
+    same generator state), without its validity checks, which read values back to the host and so
+    would stall a CUDA decoding loop at every token.
+    """
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(dim=-1)

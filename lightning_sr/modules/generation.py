@@ -11,10 +11,11 @@ import torch
 from lightning_sr.callbacks.progress import show_status
 from lightning_sr.chat import encode_prompt
 from lightning_sr.generation import (
-    FixedSchedule,
+    DecodeOptions,
     GenerationResult,
     MemorySchedule,
     SamplingParams,
+    Schedule,
     StepEvent,
     best_of_n,
     speculative_rejection,
@@ -53,7 +54,9 @@ class SpeculativeRejectionModule(LightningModule):
         n: samples per prompt, or ``"auto"``: as many as the memory schedule's budget holds.
         alpha: fraction of each prompt's rows rejected at every decision point, in [0, 1).
         schedule: when to decide: ``MemorySchedule`` (the paper's; default, which on CPU needs an
-            explicit ``budget_bytes``) or ``FixedSchedule(lengths=[...])``.
+            explicit ``budget_bytes``), ``FixedSchedule(lengths=[...])``, or an object of any
+            class implementing the :class:`~lightning_sr.generation.Schedule` protocol (from
+            YAML: its ``class_path`` and ``init_args``).
         sampling: temperature, top_k, top_p, max_new_tokens and stop_token_ids
             (``SamplingParams``).
         seed: sampling seed; a batch samples with ``seed + index of its first prompt``, so a
@@ -65,6 +68,8 @@ class SpeculativeRejectionModule(LightningModule):
         tokenizer: the generator's tokenizer (an object, or a name or folder); needed when
             ``generator`` is a model object, else the generator's own.
         return_candidates: also return every sampled candidate with its reward.
+        decode_options: how the decoding loop runs on CUDA (host read-back interval, CUDA
+            graphs); results do not depend on it (``DecodeOptions``).
     """
 
     def __init__(
@@ -73,7 +78,7 @@ class SpeculativeRejectionModule(LightningModule):
         reward_model: Any = "minilm-positivity",
         n: int | Literal["auto"] = 8,
         alpha: float = 0.5,
-        schedule: MemorySchedule | FixedSchedule | None = None,
+        schedule: Schedule | None = None,
         sampling: SamplingParams | None = None,
         seed: int = 0,
         method: Literal["speculative_rejection", "best_of_n"] = "speculative_rejection",
@@ -81,6 +86,7 @@ class SpeculativeRejectionModule(LightningModule):
         dtype: str = "float32",
         tokenizer: Any = None,
         return_candidates: bool = False,
+        decode_options: DecodeOptions | None = None,
     ):
         super().__init__()
         if method not in METHODS:
@@ -100,9 +106,15 @@ class SpeculativeRejectionModule(LightningModule):
         self._sources = objects
         self.n, self.alpha, self.seed, self.method = n, alpha, seed, method
         self.schedule = MemorySchedule() if schedule is None else schedule
+        if not isinstance(self.schedule, Schedule):
+            raise TypeError(
+                "schedule must implement lightning_sr.generation.Schedule (kv_budget, next_check, should_decide), "
+                f"got {type(self.schedule).__name__}"
+            )
         self.sampling = sampling or SamplingParams()
         self.chat_template, self.dtype_name = chat_template, dtype
         self.return_candidates = return_candidates
+        self.decode_options = decode_options
         self.generator: torch.nn.Module | None = None
         self.tokenizer = None
         self.reward: RewardModel | None = None
@@ -134,7 +146,10 @@ class SpeculativeRejectionModule(LightningModule):
             return []
         first = batch[0].get("index", batch_idx)
         status = _Status(self._trainer, batch_idx, len(items))
-        options = dict(n=self.n, sampling=self.sampling, seed=self.seed + first, chat_template=self.chat_template)
+        options = dict(
+            n=self.n, sampling=self.sampling, seed=self.seed + first, chat_template=self.chat_template,
+            options=self.decode_options,
+        )
         prompts = [item["prompt"] for item in items]
 
         def observe(event: StepEvent) -> None:
@@ -211,7 +226,7 @@ class _Status:
         self.tokens = 0
 
     def update(self, event: StepEvent) -> None:
-        self.tokens += event.live_rows + event.finished_rows
+        self.tokens += event.live_rows + event.ended_rows  # rows that sampled a token at this step
         now = time.perf_counter()
         if now - self.shown < 0.25 and not event.decision:
             return
