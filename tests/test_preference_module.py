@@ -293,6 +293,17 @@ def test_onties_raises_margin_and_stays_closer_to_sft_than_adamw(L, adamw_run, t
     # top-k sparse updates, and Adam coordinates that disagree with tau's sign are dropped
     distances = displacement(onties).norm().item(), displacement(adamw).norm().item()
     assert distances[0] < 0.75 * distances[1], distances
+    # The sign election: where τ̃ is kept, the policy moved along τ's sign (about 80% without it).
+    optimizer = onties.trainer.optimizers[0]
+    ref, base_p = dict(onties.reference.named_parameters()), dict(base.named_parameters())
+    agree = moved = 0
+    for name, p in onties.policy.named_parameters():
+        kept = optimizer.state[p]["tau_idx"].long()
+        shift = (p.detach() - ref[name]).reshape(-1)[kept]
+        tau = (ref[name] - base_p[name]).reshape(-1)[kept]  # SFT − base, not the stored copy
+        agree += int(((shift != 0) & (torch.sign(shift) == torch.sign(tau))).sum())
+        moved += int((shift != 0).sum())
+    assert moved > 1000 and agree > 0.95 * moved, (agree, moved)
 
 
 def test_ondare_raises_margin_and_merges_along_the_sft_direction(L, adamw_run, tmp_path):
