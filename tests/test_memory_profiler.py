@@ -552,18 +552,21 @@ def test_cuda_path_arithmetic(tmp_path, fake_cuda):
     profiler.on_train_batch_start(trainer, None, None, 2)
     with pytest.warns(UserWarning, match="NVML"):
         profiler.on_train_batch_end(trainer, None, None, None, 2)
+    fake_cuda.nvml.fail = False  # once dropped, NVML is not asked again in this stage
+    profiler.on_train_batch_start(trainer, None, None, 3)
+    profiler.on_train_batch_end(trainer, None, None, None, 3)
     profiler.teardown(trainer, None, "fit")
 
-    assert alloc.resets == [torch.device("cuda", 0)] * 3
+    assert alloc.resets == [torch.device("cuda", 0)] * 4
     rows = read_csv(tmp_path / "memory_fit.csv")
-    assert [r["device"] for r in rows] == ["cuda:0"] * 3
-    assert [int(r["allocated_bytes"]) for r in rows] == [1200, 1300, 1300]
-    assert [int(r["peak_allocated_bytes"]) for r in rows] == [1500, 1300, 1300]
-    assert [r["nvml_used_bytes"] for r in rows] == [str(7 * 2**30), str(9 * 2**30), ""]
-    assert [(r["num_ooms"], r["num_alloc_retries"]) for r in rows] == [("1", "3")] * 3
+    assert [r["device"] for r in rows] == ["cuda:0"] * 4
+    assert [int(r["allocated_bytes"]) for r in rows] == [1200, 1300, 1300, 1300]
+    assert [int(r["peak_allocated_bytes"]) for r in rows] == [1500, 1300, 1300, 1300]
+    assert [r["nvml_used_bytes"] for r in rows] == [str(7 * 2**30), str(9 * 2**30), "", ""]
+    assert [(r["num_ooms"], r["num_alloc_retries"]) for r in rows] == [("1", "3")] * 4
     assert "rss_bytes" not in rows[0]
     logged = trainer.loggers[0].logged
-    assert [step for _, step in logged] == [7, 8, 8]
+    assert [step for _, step in logged] == [7, 8, 8, 8]
     assert logged[0][0]["memory/train/peak_allocated_bytes"] == 1500
     assert logged[1][0]["memory/train/nvml_used_bytes"] == 9 * 2**30
     assert "memory/train/nvml_used_bytes" not in logged[2][0]
