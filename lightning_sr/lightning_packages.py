@@ -32,6 +32,7 @@ class, which builds the right one when it is instantiated. ``lightning_sr.lightn
 
 from __future__ import annotations
 
+import copyreg
 import importlib
 import os
 import sys
@@ -78,6 +79,17 @@ else:
                 cls = for_package(cls, active_package())
             return super().__new__(cls)
 
+        def __reduce_ex__(self, protocol: int):
+            """Pickle an instance by its written class and package, not by the built class's name
+            (which a class written outside lightning-sr has nowhere to be found by): ``ddp_spawn``
+            pickles the module and callbacks."""
+            reduced = super().__reduce_ex__(protocol)
+            built = type(self)
+            if built._lightning_package is None or not isinstance(reduced, tuple) or reduced[0] is not copyreg.__newobj__:
+                return reduced
+            _, (cls, *args), *rest = reduced
+            return (_new_built, (built.__bases__[0], built._lightning_package, *args), *rest)
+
     class LightningModule(_StandIn):
         """Stand-in for ``LightningModule``."""
 
@@ -102,6 +114,12 @@ else:
         """Stand-in for ``cli.LightningCLI``."""
 
         _real_base = "cli.LightningCLI"
+
+
+def _new_built(written: type, package: str, *args: Any) -> Any:
+    """An empty instance of ``written`` built for ``package``: how a pickled instance comes back."""
+    cls = for_package(written, package)
+    return cls.__new__(cls, *args)
 
 
 def use_package(package: str) -> None:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from lightning_sr.callbacks import config_path
 from lightning_sr.callbacks.merging import OnlineMerging
 from lightning_sr.cli import main
-from lightning_sr.lightning_packages import PACKAGE_ENV
+from lightning_sr.lightning_packages import PACKAGE_ENV, Callback, LightningModule
 from lightning_sr.optim import OnDARE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,3 +242,29 @@ def test_the_environment_variable_chooses_the_package():
         env={PACKAGE_ENV: "pytorch_lightning"},
     )
     assert out == "lightning_sr.pytorch_lightning"
+
+
+def test_a_projects_own_module_and_callback_survive_pickling(L):
+    """ddp_spawn pickles the module and callbacks: a class written on our stand-in bases outside
+    lightning-sr comes back as the same package's class, with its state."""
+    import pickle
+
+    module, callback = _ProjectModule(), _ProjectCallback()
+    module.layer.weight.data.fill_(0.5)
+    copy, callback_copy = pickle.loads(pickle.dumps((module, callback)))
+    assert type(copy) is type(module) and isinstance(copy, L.LightningModule)
+    assert type(callback_copy) is type(callback) and callback_copy.seen == ["init"]
+    assert torch.equal(copy.layer.weight, module.layer.weight)
+    assert issubclass(_ProjectModule, LightningModule) and issubclass(_ProjectCallback, Callback)
+
+
+
+class _ProjectModule(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 2)
+
+
+class _ProjectCallback(Callback):
+    def __init__(self):
+        self.seen = ["init"]

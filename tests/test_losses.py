@@ -59,6 +59,9 @@ def test_ipo_matches_formula():
     out = ipo_loss(*tensors(PC, PR, RC, RR), beta=beta)
     assert out.losses.tolist() == pytest.approx([(3.0 - 2.0) ** 2, (-5.0 - 2.0) ** 2])
     assert out.chosen_rewards.tolist() == pytest.approx([0.5, -1.0])
+    assert out.rejected_rewards.tolist() == pytest.approx([-0.25, 0.25])
+    with pytest.raises(ValueError, match="same shape"):
+        ipo_loss(*tensors(PC, PR, [1.0], RR))
 
 
 def test_kto_matches_formula_with_weights():
@@ -78,6 +81,10 @@ def test_kto_matches_formula_with_weights():
     ]
     assert out.losses.tolist() == pytest.approx(expected)
     assert out.rewards.tolist() == pytest.approx([beta * r for r in ratios])
+    with pytest.raises(ValueError, match="same shape"):
+        kto_loss(policy, ref, desirable[:2], pkl, rkl)
+    with pytest.raises(ValueError, match="same shape"):
+        kto_loss(policy, ref, desirable, pkl, rkl[:1])
 
 
 def test_kto_kl_is_clamped_at_zero_and_detached():

@@ -97,6 +97,8 @@ def test_fit_writes_rows_per_batch_png_and_logs(L, tmp_path, monkeypatch):
     for r in rows:
         assert int(r["rss_bytes"]) > 0
         assert int(r["peak_rss_bytes"]) >= int(r["rss_bytes"])
+    elapsed = [float(r["elapsed_s"]) for r in rows]
+    assert elapsed == sorted(elapsed) and elapsed[-1] > 0  # seconds since the stage began
     assert "allocated_bytes" not in rows[0]  # CPU numbers are labelled as RSS, not GPU memory
     assert_matplotlib_png(out / "memory_fit.png")
 
@@ -170,6 +172,34 @@ def test_exception_keeps_rows_and_propagates(L, tmp_path):
         trainer.fit(Failing())
     rows = read_csv(tmp_path / "memory_fit.csv")
     assert [r["batch_idx"] for r in rows] == ["0", "1"]
+
+
+def test_failing_to_save_after_an_exception_warns_and_keeps_the_runs_error(L, tmp_path):
+    class Failing(boring(L)):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 2:
+                raise RuntimeError("boom at batch 2")
+            return super().training_step(batch, batch_idx)
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the profiler wants a folder")
+    trainer = L.Trainer(
+        callbacks=[GPUMemoryProfiler(dirpath=blocker / "mem")], logger=False, **trainer_kwargs(tmp_path)
+    )
+    with pytest.warns(UserWarning, match="could not save memory records after exception"):
+        with pytest.raises(RuntimeError, match="boom at batch 2"):
+            trainer.fit(Failing())
+
+
+def test_cpu_peak_rss_is_in_bytes_and_outlives_a_freed_allocation():
+    sampler = memory._CpuSampler(torch.device("cpu"))
+    spike = torch.ones(32 * 2**20, dtype=torch.float32)  # 128 MiB, touched
+    during = sampler.current()
+    del spike
+    sample = sampler.sample()
+    # ru_maxrss is KiB on Linux: read as bytes it would be ~1000x below the RSS
+    assert sample["peak_rss_bytes"] >= during - 2**20
+    assert sample["peak_rss_bytes"] >= sample["rss_bytes"] + 64 * 2**20  # the freed spike still counts
 
 
 def test_without_matplotlib_writes_csv_and_says_plot_skipped(L, tmp_path, monkeypatch):
@@ -303,13 +333,15 @@ def test_two_named_profilers_have_their_own_keys_and_files_and_a_clash_warns(L, 
 
 
 def decoding_events(
-    rows: int, steps: int, rejections: dict[int, int], prompt_len: int = 5
+    rows: int, steps: int, rejections: dict[int, int], prompt_len: int = 5, ended: dict[int, int] | None = None
 ) -> list[StepEvent]:
-    """Synthetic StepEvents: ``rows`` live rows, ``rejections[step]`` rows dropped at that step."""
+    """Synthetic StepEvents: ``rows`` live rows, ``rejections[step]`` rows dropped at that step,
+    ``ended[step]`` rows ending there."""
     events, live, rounds = [], rows, 0
+    ended = ended or {}
     for step in range(1, steps + 1):
         dropped = rejections.get(step, 0)
-        live -= dropped
+        live -= dropped + ended.get(step, 0)
         rounds += step in rejections
         events.append(
             StepEvent(
@@ -318,6 +350,7 @@ def decoding_events(
                 live_rows=live,
                 kv_bytes=live * (prompt_len + step) * 64,
                 rejected_rows=dropped,
+                ended_rows=ended.get(step, 0),
                 decision=step in rejections,
                 round=rounds,
                 num_prompts=2,
@@ -347,35 +380,34 @@ class SyntheticGeneration(LightningModule):
 
 def test_generation_view_records_each_decoding_step_and_rejections(L, tmp_path):
     schedules = [
-        decoding_events(rows=8, steps=12, rejections={4: 4, 8: 2}),
+        decoding_events(rows=8, steps=12, rejections={4: 4, 8: 2}, ended={10: 1}),
         decoding_events(rows=6, steps=9, rejections={3: 3}),
+        # one batch, two decoding runs: the step counter starts again
+        decoding_events(rows=4, steps=3, rejections={2: 2}) + decoding_events(rows=4, steps=2, rejections={}),
     ]
     logger = recording_logger(L, tmp_path)
     trainer = L.Trainer(
         callbacks=[GPUMemoryProfiler(dirpath=tmp_path)], logger=logger, **trainer_kwargs(tmp_path)
     )
-    trainer.predict(SyntheticGeneration(schedules), dataloaders=DataLoader(range(2), batch_size=1))
+    trainer.predict(SyntheticGeneration(schedules), dataloaders=DataLoader(range(3), batch_size=1))
 
     rows = read_csv(tmp_path / "memory_predict_generation.csv")
-    assert len(rows) == 12 + 9  # one row per decoding step
+    assert len(rows) == 12 + 9 + 3 + 2  # one row per decoding step
+    fields = ("step", "sequence_length", "live_rows", "kv_bytes", "rejected_rows", "ended_rows", "round",
+              "num_prompts")
     for batch_idx, events in enumerate(schedules):
         got = [r for r in rows if r["batch_idx"] == str(batch_idx)]
-        assert {r["run"] for r in got} == {str(batch_idx)}
-        assert [int(r["step"]) for r in got] == [e.step for e in events]
-        assert [int(r["live_rows"]) for r in got] == [e.live_rows for e in events]
-        assert [int(r["kv_bytes"]) for r in got] == [e.kv_bytes for e in events]
-        drops = [
-            int(b["step"])
-            for a, b in zip(got, got[1:])
-            if int(b["live_rows"]) < int(a["live_rows"])
+        assert [tuple(int(r[f]) for f in fields) for r in got] == [
+            tuple(getattr(e, f) for f in fields) for e in events
         ]
-        rejected_at = [int(r["step"]) for r in got if int(r["rejected_rows"]) > 0]
-        assert (
-            drops == rejected_at == sorted(k for e in events if e.rejected_rows for k in [e.step])
-        )
+        assert [int(r["decision"]) for r in got] == [int(e.decision) for e in events]
         assert all(r["memory_kind"] == "rss_bytes" and int(r["memory_bytes"]) > 0 for r in got)
+        assert {r["phase"] for r in got} == {"predict"}
+    assert [int(r["ended_rows"]) for r in rows if r["batch_idx"] == "0"].count(1) == 1
+    runs = [r["run"] for r in rows]
+    assert runs == ["0"] * 12 + ["1"] * 9 + ["2"] * 3 + ["3"] * 2
     assert_matplotlib_png(tmp_path / "memory_predict_generation.png")
-    assert len(read_csv(tmp_path / "memory_predict.csv")) == 2
+    assert len(read_csv(tmp_path / "memory_predict.csv")) == 3
 
 
 def test_generation_view_follows_every_n_steps(L, tmp_path):
@@ -520,21 +552,39 @@ def test_cuda_path_arithmetic(tmp_path, fake_cuda):
     profiler.on_train_batch_start(trainer, None, None, 2)
     with pytest.warns(UserWarning, match="NVML"):
         profiler.on_train_batch_end(trainer, None, None, None, 2)
+    fake_cuda.nvml.fail = False  # once dropped, NVML is not asked again in this stage
+    profiler.on_train_batch_start(trainer, None, None, 3)
+    profiler.on_train_batch_end(trainer, None, None, None, 3)
     profiler.teardown(trainer, None, "fit")
 
-    assert alloc.resets == [torch.device("cuda", 0)] * 3
+    assert alloc.resets == [torch.device("cuda", 0)] * 4
     rows = read_csv(tmp_path / "memory_fit.csv")
-    assert [r["device"] for r in rows] == ["cuda:0"] * 3
-    assert [int(r["allocated_bytes"]) for r in rows] == [1200, 1300, 1300]
-    assert [int(r["peak_allocated_bytes"]) for r in rows] == [1500, 1300, 1300]
-    assert [r["nvml_used_bytes"] for r in rows] == [str(7 * 2**30), str(9 * 2**30), ""]
-    assert [(r["num_ooms"], r["num_alloc_retries"]) for r in rows] == [("1", "3")] * 3
+    assert [r["device"] for r in rows] == ["cuda:0"] * 4
+    assert [int(r["allocated_bytes"]) for r in rows] == [1200, 1300, 1300, 1300]
+    assert [int(r["peak_allocated_bytes"]) for r in rows] == [1500, 1300, 1300, 1300]
+    assert [r["nvml_used_bytes"] for r in rows] == [str(7 * 2**30), str(9 * 2**30), "", ""]
+    assert [(r["num_ooms"], r["num_alloc_retries"]) for r in rows] == [("1", "3")] * 4
     assert "rss_bytes" not in rows[0]
     logged = trainer.loggers[0].logged
-    assert [step for _, step in logged] == [7, 8, 8]
+    assert [step for _, step in logged] == [7, 8, 8, 8]
     assert logged[0][0]["memory/train/peak_allocated_bytes"] == 1500
     assert logged[1][0]["memory/train/nvml_used_bytes"] == 9 * 2**30
     assert "memory/train/nvml_used_bytes" not in logged[2][0]
+
+
+def test_cuda_peak_is_reset_only_for_recorded_batches(tmp_path, fake_cuda):
+    trainer = fake_trainer(tmp_path)
+    profiler = GPUMemoryProfiler(every_n_steps=2, plot=False)
+    profiler.setup(trainer, None, "validate")
+    for batch_idx in range(5):
+        profiler.on_validation_batch_start(trainer, None, None, batch_idx, dataloader_idx=1)
+        profiler.on_validation_batch_end(trainer, None, None, None, batch_idx, dataloader_idx=1)
+    profiler.teardown(trainer, None, "validate")
+    assert fake_cuda.allocator.resets == [torch.device("cuda", 0)] * 3  # batches 0, 2 and 4
+    rows = read_csv(tmp_path / "memory_validate.csv")
+    assert [(r["batch_idx"], r["dataloader_idx"], r["step"]) for r in rows] == [
+        ("0", "1", "0"), ("2", "1", "2"), ("4", "1", "4")
+    ]
 
 
 def test_cuda_generation_steps_record_allocated_memory(tmp_path, fake_cuda):

@@ -159,6 +159,66 @@ def test_onties_election_drops_disagreeing_adam_coordinates_even_without_merging
     torch.testing.assert_close(p.detach(), torch.tensor([1.1, 1.0, 1.1], dtype=torch.float64))
 
 
+def test_onties_sign_election_breaks_a_tie_toward_plus():
+    """Where τ̃ + Δ̃ is exactly 0 the elected sign is +1: the positive term is kept, the negative dropped."""
+    grad = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    probe = nn.Parameter(torch.zeros(2, dtype=torch.float64))  # Δ itself, bit for bit
+    probe.grad = grad.clone()
+    OnTIES([probe], lr=0.1, keep_rate=1.0, merge_weight=0.0).step()
+    delta = probe.detach().clone()
+    assert delta[0] > 0 > delta[1]
+    alpha = 0.25
+    p = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = OnTIES([p], lr=0.1, keep_rate=1.0, merge_weight=alpha)
+    opt.set_base(nn.ParameterDict({"p": p}), {"p": delta.clone()})  # τ = 0 − Δ = −Δ exactly
+    p.grad = grad.clone()
+    opt.step()
+    # coordinate 0: Δ > 0 wins, τ < 0 is dropped; coordinate 1: τ > 0 wins, Δ < 0 is dropped
+    expected = torch.tensor([(1 - alpha) * delta[0].item(), alpha * -delta[1].item()], dtype=torch.float64)
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=0)
+
+
+def test_ondare_parameters_draw_their_own_masks():
+    """Each parameter's mask stream starts from the seed *and its position*: two parameters of the
+    same shape do not share M₀ (or M_t)."""
+    model = nn.ParameterDict({"a": nn.Parameter(torch.ones(200)), "b": nn.Parameter(torch.ones(200))})
+    opt = OnDARE(model.parameters(), keep_rate=0.3, seed=3)
+    opt.set_base(model, {"a": torch.zeros(200), "b": torch.zeros(200)})
+    a, b = (opt.state[p]["tau_idx"] for p in model.values())
+    assert not torch.equal(a, b)
+
+
+def test_frozen_parameters_are_skipped_by_set_base():
+    model = nn.ModuleDict({"frozen": nn.Linear(3, 3), "trained": nn.Linear(3, 2)})
+    model["frozen"].requires_grad_(False)
+    base = {k: v - 1.0 for k, v in model.state_dict().items()}
+    opt = OnTIES(model.parameters(), keep_rate=0.5)
+    report = opt.set_base(model, base)
+    assert set(report.matched) == {"trained.weight", "trained.bias"} and not report.unmatched
+    assert all(p not in opt.state for p in model["frozen"].parameters())
+
+
+@pytest.mark.parametrize("cls", [OnDARE, OnTIES])
+def test_non_contiguous_parameters_train_like_contiguous_ones(cls):
+    """A transposed (non-contiguous) parameter gets a contiguous master copy and the same updates."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    strided = nn.Parameter(data.clone().t())
+    dense = nn.Parameter(data.clone().t().contiguous())
+    assert not strided.is_contiguous()
+    kwargs = dict(lr=0.05, keep_rate=0.3, merge_weight=0.1, seed=3)
+    opts = [cls([p], **kwargs) for p in (strided, dense)]
+    for opt, p in zip(opts, (strided, dense)):
+        opt.set_base(nn.ParameterDict({"p": p}), {"p": p.detach() - 0.1})
+    for step in range(3):
+        grad = torch.randn(5, 7, generator=g, dtype=torch.float64)
+        for opt, p in zip(opts, (strided, dense)):
+            p.grad = grad.clone()
+            opt.step()
+    torch.testing.assert_close(strided.detach(), dense.detach(), rtol=0, atol=0)
+    assert not torch.equal(dense.detach(), data.t())
+
+
 def _mask_indices(numel, keep_rate, generator):
     return bernoulli_mask(numel, keep_rate, generator).nonzero().squeeze(1)
 
@@ -340,6 +400,77 @@ def test_step_k_ondare_with_keep_all_is_adam_plus_tau_on_merge_steps():
         torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("sampler", [bernoulli_indices, _mask_indices], ids=["gaps", "dense_mask"])
+def test_step_k_ondare_with_random_drop_matches_the_formula_given_the_masks_it_drew(sampler, monkeypatch):
+    """Step-K at keep_rate < 1: plain Adam steps in between, then the accumulated delta plus this
+    step's is dropped with a fresh mask M_t, rescaled and merged once; the decay applied in between stays."""
+    if sampler is _mask_indices:
+        monkeypatch.setattr(OnDARE, "_draws_indices", staticmethod(lambda device: False))
+    model = TwoTensors()
+    base = perturbed(model)
+    k, p_keep, alpha, lr, wd = 3, 0.4, 0.3, 0.05, 0.1
+    opt = OnDARE(model.parameters(), lr=lr, weight_decay=wd, keep_rate=p_keep, merge_weight=alpha,
+                 merge_every=k, seed=7)
+    params = dict(model.named_parameters())
+    opt.set_base(model, base)
+    expected = {n: p.detach().clone() for n, p in params.items()}
+    taus, rng = {}, {}
+    for n, p in params.items():
+        idx = opt.state[p]["tau_idx"].long()
+        taus[n] = torch.zeros(p.numel(), dtype=torch.float64)
+        taus[n][idx] = (expected[n] - base[n]).reshape(-1)[idx] / p_keep
+        taus[n] = taus[n].view_as(p)
+        rng[n] = opt.state[p]["rng_state"].clone()
+
+    def replay(name):
+        g = torch.Generator()
+        g.set_state(rng[name])
+        idx = sampler(params[name].numel(), p_keep, g)
+        rng[name] = g.get_state()
+        mask = torch.zeros(params[name].numel(), dtype=torch.float64)
+        mask[idx] = 1
+        return mask.view_as(params[name])
+
+    adams = {n: RefAdam(p.shape, lr) for n, p in params.items()}
+    accumulated = {n: torch.zeros_like(expected[n]) for n in params}
+    for step in range(1, 7):
+        grads_for(model, step)
+        for n, p in params.items():
+            delta = adams[n].delta(p.grad)
+            expected[n] = expected[n] * (1 - lr * wd)
+            if step % k:
+                expected[n] = expected[n] + delta
+                accumulated[n] += delta
+            else:
+                merged = (1 - alpha) * (accumulated[n] + delta) * replay(n) / p_keep + alpha * taus[n]
+                expected[n] = expected[n] - accumulated[n] + merged
+                accumulated[n].zero_()
+        opt.step()
+        for n, p in params.items():
+            torch.testing.assert_close(p.detach(), expected[n], rtol=1e-12, atol=1e-12)
+
+
+def test_merge_every_raised_after_the_first_steps_starts_accumulating():
+    p = nn.Parameter(torch.linspace(-1, 1, 10, dtype=torch.float64))
+    start, tau = p.detach().clone(), torch.full((10,), 0.5, dtype=torch.float64)
+    opt = OnDARE([p], lr=0.01, keep_rate=1.0, merge_weight=0.1)  # merge_every=1: no buffer
+    opt.set_base(nn.ParameterDict({"p": p}), {"p": start - tau})
+    adam, expected = RefAdam((10,), 0.01), start.clone()
+    for step in range(1, 4):
+        if step == 2:
+            opt.param_groups[0]["merge_every"] = 3  # the state's step is 1: steps 2 and 3 close a cycle
+        p.grad = torch.full((10,), float(step), dtype=torch.float64)
+        delta = adam.delta(p.grad)
+        if step == 1:
+            expected = expected + 0.9 * delta + 0.1 * tau
+        elif step == 2:
+            expected, accumulated = expected + delta, delta
+        else:
+            expected = expected - accumulated + 0.9 * (accumulated + delta) + 0.1 * tau
+        opt.step()
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------------ storage, state, errors -------
 
 
@@ -415,9 +546,19 @@ def test_step_without_base_says_how_to_set_it(cls):
 
 def test_invalid_hyperparameters_are_rejected():
     params = [nn.Parameter(torch.zeros(2))]
-    for bad in ({"keep_rate": 0.0}, {"keep_rate": 1.5}, {"merge_weight": -1}, {"merge_every": 0}, {"lr": -1}):
+    for bad in ({"keep_rate": 0.0}, {"keep_rate": 1.5}, {"merge_weight": -1}, {"merge_weight": 1.5},
+                {"merge_every": 0}, {"merge_every": 1.5}, {"lr": -1}, {"eps": -1e-8}, {"weight_decay": -0.1},
+                {"betas": (0.9, 1.0)}, {"betas": (0.9,)}, {"seed": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             OnDARE(params, **bad)
+
+
+def test_sparse_gradients_are_refused():
+    p = nn.Parameter(torch.zeros(4, 3))
+    opt = OnDARE([p], keep_rate=0.5, merge_weight=0.0)
+    p.grad = torch.zeros(4, 3).to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
 
 
 def test_too_small_keep_rate_is_rejected_naming_the_valid_range():

@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import os
+import re
 import subprocess
 from contextlib import nullcontext
 import sys
@@ -204,16 +205,28 @@ def test_plain_python_predict_with_model_objects(L, caplog):
 
 
 def test_a_prompt_too_long_for_the_context_is_skipped_by_id(L, tmp_path, models, caplog):
+    from transformers import AutoTokenizer
+
+    from lightning_sr.chat import encode_prompt
+
+    overhead = len(encode_prompt(AutoTokenizer.from_pretrained(models[0]), "good")) - 1
+
+    def words(tokens):  # a prompt of exactly ``tokens`` tokens once the chat template is applied
+        return " ".join(["good"] * (tokens - overhead))
+
     prompts = tmp_path / "prompts.jsonl"
-    long_prompt = " ".join(["good"] * 300)  # the tiny generator's context is 256 tokens
-    prompts.write_text(
-        json.dumps({"id": "ok", "prompt": "thanks"}) + "\n" + json.dumps({"id": "long", "prompt": long_prompt}) + "\n"
-    )
+    lines = [  # the tiny generator's context is 256 tokens: a prompt must leave room for one more
+        {"id": "ok", "prompt": "thanks"}, {"id": "long", "prompt": words(300)},
+        {"id": "full", "prompt": words(256)}, {"id": "fits", "prompt": words(255)},
+    ]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     output = tmp_path / "predictions.jsonl"
     with caplog.at_level(logging.WARNING, logger="lightning_sr"):
         predict(L, small_module(models), PromptDataModule(str(prompts)), JSONLPredictionWriter(str(output)))
-    assert [r["id"] for r in read_lines(output)] == ["ok"]
-    assert "Skipping prompt 'long' (line 2)" in caplog.text and "context holds 256" in caplog.text
+    assert [r["id"] for r in read_lines(output)] == ["ok", "fits"]
+    assert "Skipping prompt 'long' (line 2): it has 300 tokens" in caplog.text and "context holds 256" in caplog.text
+    assert "Skipping prompt 'full' (line 3): it has 256 tokens" in caplog.text
+    assert "'fits'" not in caplog.text
 
 
 def test_models_load_lazily(models):
@@ -246,6 +259,10 @@ def test_prompt_files(tmp_path):
         ('{"id": ["a"], "prompt": "ok"}\n', r"bad.jsonl:1: 'id' must be a string or an integer"),
         ('{"id": 1, "prompt": "  \\t "}\n', r"bad.jsonl:1: 'prompt' is blank"),
         ('{"id": 1, "prompt": "ok", "x": NaN}\n', r"bad.jsonl:1: not valid JSON \(NaN is not JSON\)"),
+        ('{"id": true, "prompt": "ok"}\n', r"bad.jsonl:1: 'id' must be a string or an integer, got bool"),
+        ('{"id": 1, "prompt": []}\n', r"bad.jsonl:1: 'prompt' must be a non-blank string or a list of chat messages"),
+        ('{"id": 1, "prompt": [{"content": "hi"}]}\n', r"bad.jsonl:1: chat messages need a 'role' string and a 'content'"),
+        ('{"id": 1, "prompt": [{"role": "user"}]}\n', r"bad.jsonl:1: chat messages need a 'role' string and a 'content'"),
     ]:
         bad.write_text(lines)
         with pytest.raises(ValueError, match=message):
@@ -291,12 +308,13 @@ def test_memory_profiler_draws_figure_one_from_speculative_rejection(L, tmp_path
     assert (tmp_path / "memory_predict_generation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_leftover_rank_files_are_merged_and_user_files_are_left_alone(L, tmp_path, models, prompt_file):
+def test_leftover_rank_files_are_merged_and_user_files_are_left_alone(L, tmp_path, models, prompt_file, capsys):
     output = tmp_path / "predictions.jsonl"
     output.write_text('{"id": "p0", "response": "from rank 0"}\n')
     writer = JSONLPredictionWriter(str(output))
     header = '{"lightning_sr_rank_file": {"output": "predictions.jsonl", "rank": 1}}\n'
-    writer.rank_path(1).write_text(header + '{"id": "p1", "response": "from rank 1"}\n')
+    # rank 1 also finished p0: the output's record (the first one) wins
+    writer.rank_path(1).write_text(header + '{"id": "p1", "response": "from rank 1"}\n{"id": "p0", "response": "again"}\n')
     users = {  # look like ours by name, but they are the user's: never read, merged or deleted
         "predictions.rank_archive.jsonl": '{"id": "p2", "response": "user"}\n',
         "predictions.rankings.jsonl": '{"score": 1}\n',
@@ -307,7 +325,10 @@ def test_leftover_rank_files_are_merged_and_user_files_are_left_alone(L, tmp_pat
     predict(L, small_module(models, method="best_of_n", n=2, schedule=None), PromptDataModule(str(prompt_file), limit=4), writer)
     records = read_lines(output)
     assert [r["id"] for r in records] == ["p0", "p1", "p2", "p3"]
-    assert records[1]["response"] == "from rank 1" and "user" not in {r["response"] for r in records}
+    assert records[0]["response"] == "from rank 0" and records[1]["response"] == "from rank 1"
+    assert "user" not in {r["response"] for r in records}
+    # p0 and p1 were generated again but not written twice
+    assert re.search(r"this run: 2 prompts written in [\d.]+ s, 2 already in the file", capsys.readouterr().out)
     assert not writer.rank_path(1).exists()
     assert {name: (tmp_path / name).read_text() for name in users} == users
 

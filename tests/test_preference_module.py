@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from conftest import LightningPackage
-from lightning_sr.testing import make_tokenizer, tiny_llama
+from lightning_sr.testing import make_tokenizer, tiny_gpt2, tiny_llama
 
 from lightning_sr.data.preferences import (
     PreferenceCollator,
@@ -43,8 +43,11 @@ def trainer(L, tmp_path, **kw):
 # ---------------------------------------------------------------- log-probs
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("average", [False, True])
-def test_logprobs_mask_prompt_and_padding(side, average):
-    model = tiny_llama(make_tokenizer())
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_logprobs_mask_prompt_and_padding(side, average, build):
+    # Llama's rotary positions are shift-invariant; GPT-2's learned absolute positions are not, so
+    # left padding checks that the position ids are derived from the attention mask.
+    model = build(make_tokenizer())
     rows = [([2, 10, 11, 12], [13, 14]), ([2, 20], [21, 22, 23, 24, 25]), ([2, 30, 31], [32])]
     batch = pad_rows(rows, pad_id=0, padding_side=side)
     got = sequence_logprobs(model, **batch, average=average)
@@ -141,6 +144,10 @@ def test_collator_layout_and_kl_rows():
     # KL rows: prompt i with the chosen response of pair i+1
     assert batch["kl_input_ids"].tolist() == [[2, 5, 10, 0, 0], [2, 9, 9, 6, 7]]
     assert batch["kl_loss_mask"].tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 1, 1]]
+    # a KL row never exceeds max_length: the borrowed response is cut to the prompt's room
+    short = PreferenceCollator(pad_id=0, max_length=4)(examples)
+    assert short["kl_input_ids"].tolist() == [[2, 5, 10, 0], [2, 9, 9, 6]]
+    assert short["kl_loss_mask"].tolist() == [[0, 0, 1, 0], [0, 0, 0, 1]]
 
 
 def test_datamodule_split_needs_its_own_tokenizer(tmp_path):
@@ -148,7 +155,9 @@ def test_datamodule_split_needs_its_own_tokenizer(tmp_path):
     dm = PreferenceDataModule(str(path), tokenizer=make_tokenizer(), val_fraction=0.25, batch_size=2)
     dm.setup("fit")
     assert len(dm.train_set) == 3 and len(dm.val_set) == 1
-    assert next(iter(dm.train_dataloader()))["input_ids"].shape[0] == 4
+    batches = list(dm.train_dataloader())
+    # 3 pairs in batches of 2: the last batch of one pair (no mismatched pair for KTO) is dropped
+    assert [b["input_ids"].shape[0] for b in batches] == [4]
     with pytest.raises(TypeError, match="tokenizer"):
         PreferenceDataModule(str(path))  # the data module never reads the module's tokenizer
 
@@ -180,11 +189,13 @@ def test_compute_loss_feeds_the_documented_log_probs(loss):
     from lightning_sr.losses import dpo_loss, ipo_loss, kto_loss
 
     tok = make_tokenizer(chat_template=True)
-    module = PreferenceModule(tiny_llama(tok), loss=loss, beta=0.3, label_smoothing=0.1)
+    module = PreferenceModule(tiny_llama(tok), loss=loss, beta=0.3, label_smoothing=0.1,
+                              desirable_weight=1.5, undesirable_weight=0.5)
     module.configure_model()
-    with torch.no_grad():  # make the policy differ from its frozen copy
-        for p in module.policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # make the frozen copy differ from the policy (so that KTO's KL is > 0)
+        for p in module.reference.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
     batch = full_batch(tok)
     with torch.no_grad():
         out = module.compute_loss(batch)
@@ -198,7 +209,9 @@ def test_compute_loss_feeds_the_documented_log_probs(loss):
     pol, ref = logps["policy"], logps["ref"]
     if loss == "kto":
         desirable = torch.arange(2 * n) < n  # chosen rows are the desirable examples
-        expected = kto_loss(pol, ref, desirable, logps["policy_kl"], logps["ref_kl"], beta=0.3)
+        expected = kto_loss(pol, ref, desirable, logps["policy_kl"], logps["ref_kl"], beta=0.3,
+                            desirable_weight=1.5, undesirable_weight=0.5)
+        assert expected.kl.item() > 0.1  # not clamped to 0: the KL rows and models really count
         assert out["kl"] == pytest.approx(expected.kl.item(), abs=1e-6)
     elif loss == "ipo":  # per-token means
         expected = ipo_loss(pol[:n], pol[n:], ref[:n], ref[n:], beta=0.3)
@@ -280,6 +293,17 @@ def test_onties_raises_margin_and_stays_closer_to_sft_than_adamw(L, adamw_run, t
     # top-k sparse updates, and Adam coordinates that disagree with tau's sign are dropped
     distances = displacement(onties).norm().item(), displacement(adamw).norm().item()
     assert distances[0] < 0.75 * distances[1], distances
+    # The sign election: where τ̃ is kept, the policy moved along τ's sign (about 80% without it).
+    optimizer = onties.trainer.optimizers[0]
+    ref, base_p = dict(onties.reference.named_parameters()), dict(base.named_parameters())
+    agree = moved = 0
+    for name, p in onties.policy.named_parameters():
+        kept = optimizer.state[p]["tau_idx"].long()
+        shift = (p.detach() - ref[name]).reshape(-1)[kept]
+        tau = (ref[name] - base_p[name]).reshape(-1)[kept]  # SFT − base, not the stored copy
+        agree += int(((shift != 0) & (torch.sign(shift) == torch.sign(tau))).sum())
+        moved += int((shift != 0).sum())
+    assert moved > 1000 and agree > 0.95 * moved, (agree, moved)
 
 
 def test_ondare_raises_margin_and_merges_along_the_sft_direction(L, adamw_run, tmp_path):
