@@ -14,7 +14,7 @@ batch at the longest prompt plus ``--min-tokens`` tokens. A batch therefore fill
 after ``min_tokens`` (batches of shorter prompts a few tokens later) and must start rejecting,
 as on a GPU whose memory is full.
 
-Metrics (DESIGN.md, "Metrics from the paper"; the reference is the smallest Best-of-N):
+Metrics (docs/DESIGN.md, "Metrics from the paper"; the reference is the smallest Best-of-N):
 
 - improvement score: per prompt ``(best_method - best_ref) / (best_ref - worst_ref)``, reported as
   ``100 x (1 + mean)`` so the reference scores 100 (prompts whose reference samples tie are left
@@ -369,9 +369,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel("relative compute (generation + reward seconds, smallest BoN = 1)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
+    # One legend for both panels, below them: inside an axes it would cover data points.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))  # the bottom strip is the legend's
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -158,9 +158,9 @@ def quiet_lightning() -> None:
     """Keep third-party adverts and deprecation noise out of our entry points' output."""
     for name in ("lightning.pytorch", "pytorch_lightning", "lightning.fabric", "lightning_fabric"):
         logger = logging.getLogger(name)
-        logger.addFilter(_drop_tips)
+        logger.addFilter(drop_tips)
         for handler in logger.handlers:
-            handler.addFilter(_drop_tips)
+            handler.addFilter(drop_tips)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
     # a resumed predict with nothing left: our data module already said so in words
@@ -168,7 +168,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", category=Warning, module="jsonargparse")
 
 
-def _drop_tips(record: logging.LogRecord) -> bool:
+def drop_tips(record: logging.LogRecord) -> bool:
+    """A logging filter that drops Lightning's "💡 Tip" adverts."""
     return not str(record.getMessage()).startswith("💡")
 
 

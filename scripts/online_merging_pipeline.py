@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from lightning_sr.cli import drop_tips
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "outputs" / "online_merging"
 CONFIGS = ROOT / "configs" / "online_merging"
@@ -61,10 +63,11 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "ondare-step4": ("dpo_stepk.yaml", []),
     "ondare-a1e-5": ("dpo_ondare.yaml", ["--model.optimizer.init_args.merge_weight=1.0e-5"]),
     "ondare-a1e-2": ("dpo_ondare.yaml", ["--model.optimizer.init_args.merge_weight=1.0e-2"]),
+    "ondare-p1e-3": ("dpo_ondare.yaml", ["--model.optimizer.init_args.keep_rate=1.0e-3"]),
+    "ondare-p1e-1": ("dpo_ondare.yaml", ["--model.optimizer.init_args.keep_rate=1.0e-1"]),
 }
-# Left out of the run in benchmarks/RESULTS.md for time (the machine was shared, load 7-9); add
-# them back to complete the sweep and to see a DPO strong enough to move the reward in 8 steps:
-#   "ondare-p1e-3": ("dpo_ondare.yaml", ["--model.optimizer.init_args.keep_rate=1.0e-3"]),
+# Left out of the run in benchmarks/RESULTS.md for time; add them back to see a DPO strong enough
+# to move the reward in 8 steps:
 #   "adamw-lr1e-4": ("dpo_adamw.yaml", ["--model.optimizer.init_args.lr=1.0e-4"]),
 #   "ondare-lr1e-4": ("dpo_ondare.yaml", ["--model.optimizer.init_args.lr=1.0e-4"]),
 # Offline merges of the AdamW run (the paper's baselines): base + w * F(dpo - base) + (1 - w) * F(sft - base).
@@ -223,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--list", action="store_true", help="list the stages and whether each is done")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:  # Lightning's records reach this handler too
+        handler.addFilter(drop_tips)
     all_stages = {s.name: s for s in stages()}
     if args.list:
         for s in all_stages.values():

@@ -67,6 +67,27 @@ def frontier(rows: list[dict], objectives=OBJECTIVES) -> list[str]:
     return [row["model"] for row in rows if not any(beats(other, row) for other in rows)]
 
 
+def place_labels(ax, labels: list[tuple[str, float, float]], fontsize: float) -> None:
+    """Annotate points so that no two labels overlap: each label takes the first of a few offsets
+    around its point whose box (estimated from the text length) is clear of the labels placed."""
+    ax.figure.canvas.draw()  # fixes the axis limits, so data → pixel positions hold
+    scale = ax.figure.dpi / 72  # points → pixels
+    width_per_char, height = 0.55 * fontsize * scale, 1.2 * fontsize * scale
+    offsets = [(6, 5), (6, -12), (-6, 5), (-6, -12), (6, 16), (6, -23), (-6, 16), (-6, -23), (6, 27), (6, -34)]
+    placed: list[tuple[float, float, float, float]] = []
+    for text, x, y in labels:
+        px, py = ax.transData.transform((x, y))
+        width = width_per_char * len(text)
+        for dx, dy in offsets:
+            left = px + dx * scale - (width if dx < 0 else 0)
+            box = (left, py + dy * scale, left + width, py + dy * scale + height)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                    ha="right" if dx < 0 else "left")
+
+
 def load_rows(eval_dir: Path, runs: dict, merges: dict) -> list[dict]:
     rows = []
     for path in sorted(eval_dir.glob("**/metrics.json")):
@@ -105,14 +126,13 @@ def plot(rows: list[dict], on_frontier: list[str], path: Path) -> None:
         axes, [("pref_margin", "held-out DPO reward margin (β·log-ratio vs the SFT model, chosen − rejected)"),
                ("reward", "mean minilm-positivity reward of greedy replies to unseen prompts")]
     ):
-        for i, row in enumerate(rows):
+        for row in rows:
             marker, color = style(row["model"])
             ax.scatter(row[reward_key], row["ppl"], marker=marker, color=color, s=80, zorder=3,
                        edgecolors="black" if row["model"] in on_frontier else "none", linewidths=1.5)
-            label = f"{row['model'].split('/')[-1]} ({row['sft_exact']:.0%})"
-            ax.annotate(label, (row[reward_key], row["ppl"]), fontsize=7.5, xytext=(5, 6 if i % 2 else -10),
-                        textcoords="offset points")
         ax.invert_yaxis()
+        labels = [(f"{row['model'].split('/')[-1]} ({row['sft_exact']:.0%})", row[reward_key], row["ppl"]) for row in rows]
+        place_labels(ax, labels, fontsize=7.5)
         ax.set_xlabel(f"reward side →\n{reward_label}", fontsize=9)
         ax.set_ylabel("tax side ↑: perplexity on Shakespeare (lower is better)", fontsize=9)
         ax.grid(alpha=0.3)

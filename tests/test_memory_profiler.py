@@ -293,6 +293,7 @@ def test_a_projects_own_cli_appends_the_profiler(L, tmp_path, spelling):
         boring(L),
         run=False,
         save_config_callback=None,
+        seed_everything_default=0,
         args=["--trainer.callbacks+=ModelCheckpoint", added,
               f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"],
     )

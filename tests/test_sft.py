@@ -221,7 +221,9 @@ def test_resume_mid_epoch_ends_where_an_uninterrupted_run_does(L, tiny_dir, data
     full = main(cli_args(tiny_dir, data_path, tmp_path / "full", "--trainer.max_steps=5", *common))
     first = main(cli_args(tiny_dir, data_path, tmp_path / "a", "--trainer.max_steps=2", *common))
     ckpt = next((tmp_path / "a").rglob("step=2.ckpt"))
-    resumed = main(cli_args(tiny_dir, data_path, tmp_path / "b", "--trainer.max_steps=5", f"--ckpt_path={ckpt}", *common))
+    # resumed in another folder (the first run's checkpoints stay as they are): Lightning warns it
+    with pytest.warns(UserWarning, match="dirpath has changed"):
+        resumed = main(cli_args(tiny_dir, data_path, tmp_path / "b", "--trainer.max_steps=5", f"--ckpt_path={ckpt}", *common))
     assert first.trainer.global_step == 2 and resumed.trainer.global_step == 5
     assert torch.load(ckpt, weights_only=True)["epoch"] == 0  # saved one batch before the epoch's end
     want = full.model.model.state_dict()

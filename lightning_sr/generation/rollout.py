@@ -27,11 +27,17 @@ from lightning_sr.generation.cache import StaticKVCache
 
 @dataclass
 class DecodeOptions:
-    """How the decoding loop runs; results do not depend on these (CUDA graphs aside, bit for bit).
+    """How the decoding loop runs, not what it computes.
+
+    Greedy results do not depend on these (bit for bit, CUDA graphs aside). With sampling,
+    ``sync_every`` and ``compact_below`` move the points where the batch is compacted, and with
+    them which random draws each row gets (one per batch slot): the samples differ, their
+    distribution does not.
 
     Args:
         sync_every: on CUDA, read the rows' state back to the host every this many steps (and at
-            every schedule check and round end). On CPU the state is read back every step.
+            every schedule check and round end). On CPU the state is read back every step. On
+            both, the steps at which ``compact_below`` is looked at.
         cuda_graphs: replay the decoding forward from CUDA graphs (captured per round shape and
             ``graph_bucket`` of attended columns); falls back to eager decoding with a warning
             when capture fails. Ignored on CPU.

@@ -11,8 +11,18 @@ import torch
 class SamplingParams:
     """How each next token is drawn.
 
-    ``temperature=0`` means greedy decoding. ``top_k=0`` and ``top_p=1.0`` disable those filters.
-    ``stop_token_ids`` end a response in addition to the generator's own EOS ids.
+    Args:
+        temperature: the logits are divided by this before sampling; 0 is greedy decoding (the
+            most likely token, no random draw). At least 0.
+        top_k: draw only among the ``top_k`` most likely tokens; 0 disables the filter.
+        top_p: nucleus sampling: draw only from the smallest set of most likely tokens whose
+            probabilities sum to at least ``top_p`` (within the top-k when both are set). In
+            (0, 1]; 1.0 disables the filter.
+        max_new_tokens: most tokens a response may generate, the one that ends it included;
+            fewer when the generator's context ends first. At least 1.
+        stop_token_ids: token ids that end a response in addition to the generator's own EOS
+            ids (generation config, model config and tokenizer); the stop token is not part of
+            the response.
     """
 
     temperature: float = 1.0

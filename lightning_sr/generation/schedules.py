@@ -90,9 +90,20 @@ class MemorySchedule(Schedule):
     """The paper's memory-driven decision points.
 
     A decision happens when one more token for every live row would push the KV cache past the
-    budget, but never before ``min_tokens`` tokens were generated. ``budget_bytes=None`` uses the
-    free CUDA memory after the models are loaded minus ``margin_fraction`` of the device's total;
-    on CPU an explicit budget is required.
+    budget, ``live_rows x (sequence_length + 1) x kv_bytes_per_token > budget``, but never before
+    ``min_tokens`` tokens were generated. The engine asks at the step where the round's cache,
+    sized to the budget, is full.
+
+    Args:
+        budget_bytes: KV-cache budget of one generation call (keys and values of every row of
+            every prompt in the batch), in bytes. None: measured on CUDA when each call starts,
+            as the free device memory plus what PyTorch holds cached but unused, minus
+            ``margin_fraction`` of the device's total. On CPU it must be given.
+        min_tokens: no decision before this many tokens were generated. ``n`` is checked (or,
+            for ``n="auto"``, chosen) so that every row reaches it within the budget. At least 1.
+        margin_fraction: with ``budget_bytes=None``, the fraction of the device's total memory
+            left out of the budget for activations, the reward model's forward and allocator
+            slack. Ignored when ``budget_bytes`` is given.
     """
 
     budget_bytes: int | None = None
@@ -129,7 +140,15 @@ class MemorySchedule(Schedule):
 
 @dataclass
 class FixedSchedule(Schedule):
-    """Decision points at fixed generated lengths, e.g. ``[32, 64, 128]``."""
+    """Decision points at fixed generated lengths, e.g. ``[32, 64, 128]``.
+
+    No memory budget: each round's KV cache is sized to reach the next length.
+
+    Args:
+        lengths: generated lengths (tokens per row) at which the partial responses are scored
+            and the weakest rejected; sorted and deduplicated, each at least 1. Empty: never
+            reject (Best-of-N).
+    """
 
     lengths: list[int] = field(default_factory=list)
 
