@@ -17,6 +17,7 @@ import torch
 from lightning_sr.testing import make_tokenizer, tiny_llama
 
 from lightning_sr.callbacks.predictions import JSONLPredictionWriter
+from lightning_sr.data.loaders import EpochShuffle
 from lightning_sr.data.preferences import PreferenceDataModule
 from lightning_sr.data.prompts import PromptDataModule
 from lightning_sr.generation import FixedSchedule, SamplingParams
@@ -54,12 +55,36 @@ def test_fit_killed_mid_epoch_resumes_to_the_same_weights(soak, workspace, tmp_p
     assert row["steps"] == [24, 24] and row["max_weight_difference"] == 0.0, row
 
 
-def preference_run(L, path, tmp_path, max_steps, ckpt=None, every=None):
+def test_epoch_shuffle_shards_one_permutation_over_processes_and_resumes_mid_epoch():
+    alone = EpochShuffle(7, seed=3)
+    alone.set_epoch(2)
+    ranks = [EpochShuffle(7, seed=3, num_replicas=2, rank=rank) for rank in (0, 1)]
+    for sampler in ranks:
+        sampler.set_epoch(2)
+    first, second = (list(sampler) for sampler in ranks)
+    assert len(first) == len(second) == len(ranks[0]) == 4  # 7 items padded to 8
+    assert [i for pair in zip(first, second) for i in pair][:7] == list(alone)  # the one order, dealt out
+    # rank 1 stopped after 3 items of epoch 2: a fresh sampler given its state draws the rest
+    stopped = EpochShuffle(7, seed=3, num_replicas=2, rank=1)
+    stopped.set_epoch(2)
+    items = iter(stopped)
+    drawn = [next(items) for _ in range(3)]
+    resumed = EpochShuffle(7, seed=3, num_replicas=2, rank=1)
+    resumed.load_state_dict(stopped.state_dict())  # restores the epoch too
+    assert drawn + list(resumed) == second
+    resumed.load_state_dict({"epoch": 2, "drawn": 4})  # saved at the epoch's end: the next epoch
+    nxt = EpochShuffle(7, seed=3, num_replicas=2, rank=1)
+    nxt.set_epoch(3)
+    assert list(resumed) == list(nxt) != second
+
+
+def preference_run(L, path, tmp_path, max_steps, ckpt=None, every=None, processes=1):
     tokenizer = make_tokenizer(chat_template=True)
     module = PreferenceModule(tiny_llama(tokenizer), optimizer=partial(OnDARE, lr=1e-2, keep_rate=0.5, merge_weight=0.0))
     callbacks = [L.sub("callbacks").ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1)] if every else []
+    distributed = {"devices": processes, "strategy": "ddp_spawn"} if processes > 1 else {}
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=bool(every), callbacks=callbacks)
+                        enable_model_summary=False, enable_checkpointing=bool(every), callbacks=callbacks, **distributed)
     trainer.fit(module, PreferenceDataModule(str(path), tokenizer=tokenizer, batch_size=2), ckpt_path=ckpt)
     return module
 
@@ -72,6 +97,17 @@ def test_fit_resumes_bit_exactly_from_any_checkpoint(L, soak, workspace, tmp_pat
     (ckpt,) = (tmp_path / "first").glob(f"*step={resume_at}.ckpt")
     with pytest.warns(UserWarning, match="exists and is not empty"):  # resuming into the run's own folder
         resumed = preference_run(L, pairs, tmp_path / "first", max_steps=22, ckpt=str(ckpt), every=resume_at)
+    for (name, a), b in zip(full.policy.named_parameters(), resumed.policy.parameters()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_two_process_fit_resumes_bit_exactly_in_a_later_epoch(L, soak, workspace, tmp_path):
+    pairs = workspace["pairs"]  # 36 pairs: 9 batches of 2 an epoch on each of the 2 processes
+    full = preference_run(L, pairs, tmp_path / "full", max_steps=16, processes=2)
+    preference_run(L, pairs, tmp_path / "first", max_steps=12, every=12, processes=2)
+    (ckpt,) = (tmp_path / "first").glob("*step=12.ckpt")  # the 3rd batch of the 2nd epoch
+    resumed = preference_run(L, pairs, tmp_path / "resumed", max_steps=16, ckpt=str(ckpt), processes=2)
     for (name, a), b in zip(full.policy.named_parameters(), resumed.policy.parameters()):
         assert torch.equal(a, b), name
 

@@ -11,7 +11,6 @@ from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2Fo
 
 from lightning_sr.generation import (
     DecodeOptions,
-    DecodeState,
     FixedSchedule,
     MemorySchedule,
     SamplingParams,
@@ -29,6 +28,7 @@ from lightning_sr.generation import (
 from lightning_sr.generation.rollout import Rollout, left_pad
 from lightning_sr.generation.sampling import filter_logits, sample_next_token
 from lightning_sr.rewards import FunctionReward
+from user_callbacks import EveryKTokens
 
 PROMPTS = ["the good day", "thanks", "please help you we are not very happy today"]
 
@@ -599,22 +599,6 @@ def test_best_of_n_reserves_the_prompts_plus_max_new_tokens(tokenizer, llama):
 # ------------------------------------------------------------------------------ schedules
 
 
-class EveryKTokens:
-    """A user's schedule: a decision every ``k`` tokens, no memory budget."""
-
-    def __init__(self, k: int = 2):
-        self.k = k
-
-    def kv_budget(self, device: torch.device) -> int | None:
-        return None
-
-    def next_check(self, state: DecodeState) -> int | None:
-        return (state.step // self.k + 1) * self.k
-
-    def should_decide(self, state: DecodeState) -> bool:
-        return state.step % self.k == 0
-
-
 def test_a_user_schedule_drives_the_decisions(tokenizer, llama):
     assert isinstance(EveryKTokens(), Schedule)
     assert isinstance(MemorySchedule(), Schedule) and isinstance(FixedSchedule(), Schedule)
@@ -642,7 +626,7 @@ def test_schedule_protocol_is_accepted_by_class_path():
     for class_path, init in (
         ("lightning_sr.generation.MemorySchedule", {"budget_bytes": 1000, "min_tokens": 4}),
         ("lightning_sr.generation.FixedSchedule", {"lengths": [4, 8]}),
-        (f"{__name__}.EveryKTokens", {"k": 5}),
+        ("user_callbacks.EveryKTokens", {"k": 5}),
     ):
         config = parser.parse_object({"schedule": {"class_path": class_path, "init_args": init}})
         schedule = parser.instantiate_classes(config).schedule

@@ -13,25 +13,40 @@ middle of an epoch. Two pieces make that so, both the way Lightning expects:
   ``StatefulDistributedSampler`` does). Restoring the epoch with the position matters: on a
   mid-epoch restart Lightning creates the iterator before it calls ``set_epoch``.
 
-Under several processes Lightning wraps the sampler into its distributed sampler (seeded and set
-to the epoch by Lightning) and the loader fast-forwards that one the same way.
+Under several processes the sampler shards the epoch's order itself, as ``DistributedSampler``
+does (every rank draws the same permutation and takes every ``world size``-th item, the order
+padded to a multiple of the world size). It subclasses ``DistributedSampler`` for that reason:
+Lightning leaves such a sampler as it is, where it would wrap any other in its own distributed
+sampler, whose position the loader could only restore by replaying the wrong epoch.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 
-class EpochShuffle(Sampler[int]):
+class EpochShuffle(DistributedSampler):
     """A random order of ``size`` items for each epoch, a function of ``seed`` and the epoch,
-    which resumes from its saved state (epoch, items drawn) at the item where it stopped."""
+    sharded over the processes, which resumes from its saved state (epoch, items drawn by this
+    process) at the item where it stopped.
 
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
+    ``num_replicas`` and ``rank`` default to the process group's when one is initialized (as
+    when Lightning asks for the train loader under DDP), else to one process.
+    """
+
+    def __init__(self, size: int, seed: int, num_replicas: int | None = None, rank: int | None = None):
+        # DistributedSampler.__init__ is not called: it needs a process group, this works without
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.num_replicas = num_replicas if num_replicas is not None else (torch.distributed.get_world_size() if distributed else 1)
+        self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
+        self.size, self.seed, self.epoch, self.shuffle = size, seed, 0, True
+        self.num_samples = math.ceil(size / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
         self.drawn = self._resume_at = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -42,8 +57,10 @@ class EpochShuffle(Sampler[int]):
         for _ in range(self.epoch):  # the earlier epochs' draws: O(epoch x size), cheap
             torch.randperm(self.size, generator=generator)
         order = torch.randperm(self.size, generator=generator).tolist()
+        order = (order * math.ceil(self.total_size / self.size))[: self.total_size]  # every rank as many
+        mine = order[self.rank : self.total_size : self.num_replicas]
         self.drawn, self._resume_at = self._resume_at, 0
-        for index in order[self.drawn :]:
+        for index in mine[self.drawn :]:
             self.drawn += 1
             yield index
 
@@ -52,11 +69,11 @@ class EpochShuffle(Sampler[int]):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self._resume_at = state["epoch"], state["drawn"]
-        if self._resume_at >= self.size:  # saved at the end of an epoch: the next one starts afresh
+        if self._resume_at >= self.num_samples:  # saved at the end of an epoch: the next one starts afresh
             self.epoch, self._resume_at = self.epoch + 1, 0
 
     def __len__(self) -> int:
-        return self.size
+        return self.num_samples
 
 
 def training_loader(
