@@ -3,8 +3,8 @@
 A schedule is anything implementing the :class:`Schedule` protocol: it names a KV-cache budget
 (or none), says at which generated length it wants to be asked next, and answers whether that
 step is a decision point. The engine sizes each round's KV cache to reach that length (and to
-stay within the budget) and asks :meth:`Schedule.should_decide` there, and also whenever the
-budget leaves no room for another token. Two schedules ship: :class:`MemorySchedule` (the
+stay within the budget) and asks :meth:`Schedule.should_decide` there, and also whenever that
+cache is full. Two schedules ship: :class:`MemorySchedule` (the
 paper's) and :class:`FixedSchedule`. A schedule is given to the engine, or from YAML to the
 Lightning module, as an object of any class with these three methods (subclassing
 :class:`Schedule` is optional), e.g.::
@@ -61,8 +61,8 @@ class Schedule(abc.ABC):
 
     The engine calls :meth:`kv_budget` once per call, :meth:`next_check` after the prefill and
     after every check, and :meth:`should_decide` at the step ``next_check`` named and whenever
-    one more token for every live row would not fit in the budget. Returning True makes that
-    step a decision point: partial responses are scored and the weakest rejected.
+    the round's KV cache (sized to that step, within the budget) is full. Returning True makes
+    that step a decision point: partial responses are scored and the weakest rejected.
     """
 
     @abc.abstractmethod

@@ -68,8 +68,9 @@ class SpeculativeRejectionModule(LightningModule):
         tokenizer: the generator's tokenizer (an object, or a name or folder); needed when
             ``generator`` is a model object, else the generator's own.
         return_candidates: also return every sampled candidate with its reward.
-        decode_options: how the decoding loop runs on CUDA (host read-back interval, CUDA
-            graphs); results do not depend on it (``DecodeOptions``).
+        decode_options: how the decoding loop runs (host read-back interval on CUDA, CUDA
+            graphs, compaction; ``DecodeOptions``). Greedy results do not depend on it; sampled
+            ones are another draw from the same distribution.
     """
 
     def __init__(
