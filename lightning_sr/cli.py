@@ -33,6 +33,7 @@ from jsonargparse import ArgumentParser
 from jsonargparse.typing import import_object
 
 from lightning_sr._lazy import LIGHTNING_CLASSES
+from lightning_sr.callbacks.predictions import JSONLPredictionWriter
 from lightning_sr.lightning_packages import LightningCLI, active_package, for_package, import_package, use_package
 
 CALLBACK_SHORTCUT = "lightning_sr:"
@@ -54,6 +55,19 @@ class LightningSRCLI(LightningCLI):
         importlib.import_module("lightning_sr.optim")  # OnDARE, OnTIES by short name
         return super().init_parser(**kwargs)
 
+    def before_predict(self) -> None:
+        for writer in self._prediction_writers():
+            writer.print_summary = False  # after_predict prints it, once the progress bar is done
+
+    def after_predict(self) -> None:
+        """The writers' summaries last, so that they are the run's final lines."""
+        for writer in self._prediction_writers():
+            if writer.summary:
+                print(writer.summary)
+
+    def _prediction_writers(self) -> list:
+        return [callback for callback in self.trainer.callbacks if isinstance(callback, JSONLPredictionWriter)]
+
     def before_fit(self) -> None:
         """Say up front when a short run will validate or checkpoint nothing, and why."""
         trainer, steps = self.trainer, self.trainer.max_steps
@@ -63,7 +77,8 @@ class LightningSRCLI(LightningCLI):
         for callback in trainer.checkpoint_callbacks:
             every = getattr(callback, "_every_n_train_steps", 0)
             if steps > 0 and every > steps:
-                log.warning("No checkpoint will be written: every_n_train_steps=%d > max_steps=%d", every, steps)
+                what = "Only last.ckpt, at the end of the run, will be written" if getattr(callback, "save_last", False) else "No checkpoint will be written"
+                log.warning("%s: every_n_train_steps=%d > max_steps=%d", what, every, steps)
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         if args is None:  # the command line: expanded in place, as LightningCLI reads it from there

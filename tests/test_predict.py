@@ -23,7 +23,7 @@ from lightning_sr.callbacks.memory import GPUMemoryProfiler
 from lightning_sr.callbacks.predictions import JSONLPredictionWriter
 from lightning_sr.cli import main
 from lightning_sr.data.prompts import PromptDataModule, read_prompts
-from lightning_sr.generation import FixedSchedule, SamplingParams
+from lightning_sr.generation import FixedSchedule, MemorySchedule, SamplingParams
 from lightning_sr.lightning_packages import Callback as LightningCallback
 from lightning_sr.modules.generation import SpeculativeRejectionModule
 from lightning_sr.rewards import FunctionReward
@@ -82,10 +82,14 @@ def small_module(models, **kwargs):
 
 
 @pytest.mark.parametrize("config, method", [("predict_sr.yaml", "speculative_rejection"), ("predict_bon.yaml", "best_of_n")])
-def test_cli_predict_writes_one_line_per_prompt(L, tmp_path, monkeypatch, models, prompt_file, config, method):
+def test_cli_predict_writes_one_line_per_prompt(L, tmp_path, monkeypatch, models, prompt_file, config, method, capsys):
     monkeypatch.chdir(tmp_path)
     output = tmp_path / "out" / "predictions.jsonl"
-    cli = main(cli_args(config, models, prompt_file, writer_file(tmp_path, output)))
+    cli = main(cli_args(config, models, prompt_file, writer_file(tmp_path, output), "--trainer.enable_progress_bar=true"))
+    printed = capsys.readouterr().out
+    # one summary per writer (the config's and the test's), printed after the progress bar's last line
+    assert printed.count("Predictions: ") == 2 and f"Predictions: {output}" in printed
+    assert printed.rfind("Predicting") < printed.find("Predictions: ")
     assert isinstance(cli.model, L.LightningModule) and isinstance(cli.trainer, L.Trainer)
     assert cli.model.method == method
     records = read_lines(output)
@@ -372,3 +376,23 @@ def test_the_progress_bar_moves_while_a_batch_decodes(L, tmp_path, models, promp
     shown = [text for text in watcher.seen if "tok/s" in text]
     assert shown, watcher.seen[:5]
     assert any("live rows" in text and "round 1" in text for text in shown)  # after the first decision
+
+
+def test_a_budget_cpu_cannot_measure_fails_before_the_models_load(L, tmp_path, models, prompt_file, monkeypatch):
+    import lightning_sr.modules.generation as module_code
+
+    loaded = []
+    monkeypatch.setattr(module_code, "load_causal_lm", lambda *args, **kwargs: loaded.append(args))
+    module = SpeculativeRejectionModule(*models, schedule=MemorySchedule(budget_bytes=None))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"measures free CUDA memory.*--model.schedule.budget_bytes="):
+        trainer.predict(module, datamodule=PromptDataModule(str(prompt_file)), return_predictions=False)
+    assert loaded == []
+
+
+def test_the_readmes_free_memory_budget_parses_to_none(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", f"--config={ROOT / 'configs' / 'predict_sr.yaml'}", '--model.schedule={"budget_bytes": null}',
+              "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "budget_bytes: null" in capsys.readouterr().out

@@ -50,6 +50,9 @@ class JSONLPredictionWriter(BasePredictionWriter):
         self._file = None
         self._written: set = set()
         self._counts = {"written": 0, "duplicates": 0, "nonfinite": 0}
+        self.summary: str | None = None
+        """The end-of-run summary (rank 0), printed at predict end unless ``print_summary`` is off."""
+        self.print_summary = True  # the lightning-sr command prints it itself, below the progress bar
 
     @property
     def state_key(self) -> str:
@@ -103,7 +106,9 @@ class JSONLPredictionWriter(BasePredictionWriter):
                 self._merge_rank_files()
             trainer.strategy.barrier("jsonl_writer_merged")
         if trainer.is_global_zero:
-            print(summary(self.output_path, self._counts, time.perf_counter() - self._started))
+            self.summary = summary(self.output_path, self._counts, time.perf_counter() - self._started)
+            if self.print_summary:
+                print(self.summary)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._close()

@@ -123,8 +123,9 @@ class MemorySchedule(Schedule):
         if device.type != "cuda":
             raise ValueError(
                 "MemorySchedule(budget_bytes=None) measures free CUDA memory, but the generator is on "
-                f"{device.type!r}: give an explicit budget, e.g. MemorySchedule(budget_bytes=2**30), "
-                "or use FixedSchedule(lengths=[...])."
+                f"{device.type!r}: give an explicit budget, e.g. MemorySchedule(budget_bytes=2**30) "
+                "(--model.schedule.budget_bytes=1000000000 on the command line), or use "
+                "FixedSchedule(lengths=[...])."
             )
         return free_cuda_bytes(device, self.margin_fraction)
 

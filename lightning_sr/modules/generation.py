@@ -124,6 +124,8 @@ class SpeculativeRejectionModule(LightningModule):
         """Load the generator, its tokenizer and the reward model (once)."""
         if self.generator is not None:
             return
+        if self.method == "speculative_rejection" and self.alpha > 0 and self._trainer is not None:
+            self.schedule.kv_budget(self._trainer.strategy.root_device)  # a budget it cannot have fails before loading
         source, tokenizer = self._sources["generator"], self._sources["tokenizer"]
         if tokenizer is None and not isinstance(source, str):
             raise ValueError("SpeculativeRejectionModule needs `tokenizer` when `generator` is a model object")
