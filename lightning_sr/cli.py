@@ -77,8 +77,8 @@ class LightningSRCLI(LightningCLI):
         for callback in trainer.checkpoint_callbacks:
             every = getattr(callback, "_every_n_train_steps", 0)
             if steps > 0 and every > steps:
-                what = "Only last.ckpt, at the end of the run, will be written" if getattr(callback, "save_last", False) else "No checkpoint will be written"
-                log.warning("%s: every_n_train_steps=%d > max_steps=%d", what, every, steps)
+                written = "Only last.ckpt, at the end of the run," if getattr(callback, "save_last", False) else "No checkpoint"
+                log.warning("%s will be written: every_n_train_steps=%d > max_steps=%d", written, every, steps)
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         if args is None:  # the command line: expanded in place, as LightningCLI reads it from there

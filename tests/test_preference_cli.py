@@ -199,3 +199,12 @@ def test_configs_point_at_a_valid_shipped_preference_file(config):
     data = yaml.safe_load(config.read_text())["data"]["init_args"]
     records = read_preferences(ROOT / data["path"])
     assert len(records) >= 8
+
+
+def test_a_run_too_short_to_validate_or_checkpoint_says_so(tiny_dir, data_path, tmp_path, caplog):
+    config = ROOT / "configs" / "fit_dpo_adamw.yaml"  # val_check_interval 8, last.ckpt every 8 steps
+    with caplog.at_level("WARNING", logger="lightning_sr"):
+        main(cli_args(config, tiny_dir, data_path, tmp_path, "--trainer.val_check_interval=8"))
+    assert "No validation will run: val_check_interval=8 > max_steps=2" in caplog.text
+    assert "Only last.ckpt, at the end of the run, will be written: every_n_train_steps=8 > max_steps=2" in caplog.text
+    assert [p.name for p in tmp_path.rglob("*.ckpt")] == ["last.ckpt"]
