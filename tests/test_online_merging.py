@@ -223,6 +223,18 @@ def _mask_indices(numel, keep_rate, generator):
     return bernoulli_mask(numel, keep_rate, generator).nonzero().squeeze(1)
 
 
+def replay_mask(sampler, rng: dict, name: str, param: torch.Tensor, p_keep: float) -> torch.Tensor:
+    """The Bernoulli(p_keep) mask the optimizer draws next for ``param``, replayed from the
+    generator state ``rng[name]`` with ``sampler`` (the state is advanced as the optimizer's is)."""
+    g = torch.Generator()
+    g.set_state(rng[name])
+    idx = sampler(param.numel(), p_keep, g)
+    rng[name] = g.get_state()
+    mask = torch.zeros(param.numel(), dtype=torch.float64)
+    mask[idx] = 1
+    return mask.view_as(param)
+
+
 @pytest.mark.parametrize("sampler", [bernoulli_indices, _mask_indices], ids=["gaps", "dense_mask"])
 def test_ondare_matches_the_formula_given_the_masks_it_drew(sampler, monkeypatch):
     """Both ways of drawing masks: kept indices (the CPU's) and a dense mask (the GPUs', forced here)."""
@@ -246,13 +258,7 @@ def test_ondare_matches_the_formula_given_the_masks_it_drew(sampler, monkeypatch
     rng = {n: opt.state[p]["rng_state"].clone() for n, p in params.items()}
 
     def replay(name):  # the Bernoulli mask M_t the optimizer draws next for this parameter
-        g = torch.Generator()
-        g.set_state(rng[name])
-        idx = sampler(params[name].numel(), p_keep, g)
-        rng[name] = g.get_state()
-        mask = torch.zeros(params[name].numel(), dtype=torch.float64)
-        mask[idx] = 1
-        return mask.view_as(params[name])
+        return replay_mask(sampler, rng, name, params[name], p_keep)
 
     adams = {n: RefAdam(p.shape, lr) for n, p in params.items()}
     for step in range(4):
@@ -423,13 +429,7 @@ def test_step_k_ondare_with_random_drop_matches_the_formula_given_the_masks_it_d
         rng[n] = opt.state[p]["rng_state"].clone()
 
     def replay(name):
-        g = torch.Generator()
-        g.set_state(rng[name])
-        idx = sampler(params[name].numel(), p_keep, g)
-        rng[name] = g.get_state()
-        mask = torch.zeros(params[name].numel(), dtype=torch.float64)
-        mask[idx] = 1
-        return mask.view_as(params[name])
+        return replay_mask(sampler, rng, name, params[name], p_keep)
 
     adams = {n: RefAdam(p.shape, lr) for n, p in params.items()}
     accumulated = {n: torch.zeros_like(expected[n]) for n in params}
