@@ -38,7 +38,7 @@ from lightning_sr.generation.results import (
 )
 from lightning_sr.generation.rollout import DecodeOptions, Rollout, _sync_debug_mode, prefill
 from lightning_sr.generation.sampling import SamplingParams, sample_next_token
-from lightning_sr.generation.schedules import DecodeState, FixedSchedule, MemorySchedule, Schedule
+from lightning_sr.generation.schedules import DecodeState, FixedSchedule, Schedule, as_schedule
 from lightning_sr.rewards.base import RewardModel, checked_scores
 
 
@@ -81,12 +81,7 @@ def speculative_rejection(
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"alpha must be in [0, 1), got {alpha}")
     sampling = sampling or SamplingParams()
-    schedule = MemorySchedule() if schedule is None else schedule
-    if not isinstance(schedule, Schedule):
-        raise TypeError(
-            f"schedule must implement lightning_sr.generation.Schedule (kv_budget, next_check, should_decide), "
-            f"got {type(schedule).__name__}"
-        )
+    schedule = as_schedule(schedule)
     if isinstance(prompts, (str, dict)) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of strings or chat message lists")
     if n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or n < 1):

@@ -139,6 +139,18 @@ class MemorySchedule(Schedule):
         return needed > state.kv_budget_bytes
 
 
+def as_schedule(schedule: Schedule | None) -> Schedule:
+    """``schedule``, or the paper's :class:`MemorySchedule` for None; anything without the
+    :class:`Schedule` methods is a ``TypeError`` naming them."""
+    schedule = MemorySchedule() if schedule is None else schedule
+    if not isinstance(schedule, Schedule):
+        raise TypeError(
+            "schedule must implement lightning_sr.generation.Schedule (kv_budget, next_check, should_decide), "
+            f"got {type(schedule).__name__}"
+        )
+    return schedule
+
+
 @dataclass
 class FixedSchedule(Schedule):
     """Decision points at fixed generated lengths, e.g. ``[32, 64, 128]``.

@@ -13,13 +13,13 @@ from lightning_sr.chat import encode_prompt
 from lightning_sr.generation import (
     DecodeOptions,
     GenerationResult,
-    MemorySchedule,
     SamplingParams,
     Schedule,
     StepEvent,
     best_of_n,
     speculative_rejection,
 )
+from lightning_sr.generation.schedules import as_schedule
 from lightning_sr.lightning_packages import LightningModule
 from lightning_sr.loading import check_source, load_causal_lm, load_tokenizer, torch_dtype
 from lightning_sr.rewards import HFRewardModel, RewardModel
@@ -106,12 +106,7 @@ class SpeculativeRejectionModule(LightningModule):
         # A plain dict, so that model objects given here are not registered as submodules.
         self._sources = objects
         self.n, self.alpha, self.seed, self.method = n, alpha, seed, method
-        self.schedule = MemorySchedule() if schedule is None else schedule
-        if not isinstance(self.schedule, Schedule):
-            raise TypeError(
-                "schedule must implement lightning_sr.generation.Schedule (kv_budget, next_check, should_decide), "
-                f"got {type(self.schedule).__name__}"
-            )
+        self.schedule = as_schedule(schedule)  # a wrong object fails here, before any model loads
         self.sampling = sampling or SamplingParams()
         self.chat_template, self.dtype_name = chat_template, dtype
         self.return_candidates = return_candidates
