@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from lightning_sr.modules.generation import SpeculativeRejectionModule
     from lightning_sr.modules.preference import PreferenceModule
     from lightning_sr.modules.sft import SFTModule
+    from lightning_sr.sharding import FSDP2Strategy
 
 __getattr__, __dir__ = lazy_names(
     __name__,
@@ -29,10 +30,11 @@ __getattr__, __dir__ = lazy_names(
         "SpeculativeRejectionModule": "lightning_sr.modules.generation",
         "PreferenceModule": "lightning_sr.modules.preference",
         "SFTModule": "lightning_sr.modules.sft",
+        "FSDP2Strategy": "lightning_sr.sharding",
         "Prompt": "lightning_sr.chat",
     },
 )
-__all__ = ["SpeculativeRejectionModule", "PreferenceModule", "SFTModule", "Prompt", "__version__"]
+__all__ = ["SpeculativeRejectionModule", "PreferenceModule", "SFTModule", "FSDP2Strategy", "Prompt", "__version__"]
 
 # Our messages (resuming, skipped prompts, merges) show at INFO, as Lightning's own do, unless the
 # program configured logging itself.

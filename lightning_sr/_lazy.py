@@ -26,6 +26,7 @@ LIGHTNING_CLASSES = {
     "OnlineMerging": "lightning_sr.callbacks.merging",
     "OfflineMerge": "lightning_sr.callbacks.offline_merge",
     "LightningSRCLI": "lightning_sr.cli",
+    "FSDP2Strategy": "lightning_sr.sharding",
 }
 """Every public Lightning class of ours and the module that writes it."""
 

@@ -5,7 +5,8 @@ Lightning ships as two packages with separate class hierarchies: the unified ``l
 Trainer of one refuses the other's LightningModule, Callback or LightningDataModule, and each
 LightningCLI rejects the other's class paths. So every Lightning class of ours is written once on
 a *stand-in* base from this module (:class:`LightningModule`, :class:`LightningDataModule`,
-:class:`Callback`, :class:`BasePredictionWriter`, :class:`LightningCLI`) and built on demand as a
+:class:`Callback`, :class:`BasePredictionWriter`, :class:`LightningCLI`,
+:class:`ModelParallelStrategy`) and built on demand as a
 subclass of that base's real class in one package by :func:`for_package`.
 
 Why not one class deriving from both packages' bases: Lightning decides which hooks a class
@@ -57,6 +58,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the unified package's classes
     from lightning.pytorch import Callback, LightningDataModule, LightningModule
     from lightning.pytorch.callbacks import BasePredictionWriter
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.strategies import ModelParallelStrategy
 else:
 
     class _BuildsOnDemand(type):
@@ -114,6 +116,11 @@ else:
         """Stand-in for ``cli.LightningCLI``."""
 
         _real_base = "cli.LightningCLI"
+
+    class ModelParallelStrategy(_StandIn):
+        """Stand-in for ``strategies.ModelParallelStrategy``."""
+
+        _real_base = "strategies.ModelParallelStrategy"
 
 
 def _new_built(written: type, package: str, *args: Any) -> Any:
@@ -192,7 +199,10 @@ def for_package(cls: type, package: str) -> type:
         if submodule:
             module = importlib.import_module(f"{module.__name__}.{submodule}")
         real_base = getattr(module, name)
-        _BUILT[key] = type(
+        metaclass = type(cls)
+        if not issubclass(metaclass, type(real_base)):  # e.g. a Strategy: an abc.ABC
+            metaclass = type(f"{metaclass.__name__}And{type(real_base).__name__}", (metaclass, type(real_base)), {})
+        _BUILT[key] = metaclass(
             cls.__name__,
             (cls, real_base),
             {

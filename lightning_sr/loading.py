@@ -8,6 +8,7 @@ object that is already loaded (returned as it is). Loading is quiet: transformer
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -94,15 +95,59 @@ def load_tokenizer(source: Any):
         return AutoTokenizer.from_pretrained(resolve_model(str(source)))
 
 
-def load_weights(source: Any, **kwargs) -> Mapping[str, torch.Tensor]:
+class LazyTensor:
+    """One tensor of a safetensors file, read only when indexed: ``t[a:b]`` reads rows a to b,
+    ``t[:]`` all of it. ``shape`` comes from the file's header."""
+
+    def __init__(self, path: Path, name: str, shape: tuple[int, ...]):
+        self.path, self.name, self.shape = path, name, tuple(shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as file:
+            if index == slice(None) or not self.shape:
+                return file.get_tensor(self.name)
+            return file.get_slice(self.name)[index]
+
+    def __repr__(self) -> str:
+        return f"LazyTensor({self.name!r}, shape={self.shape}, path={str(self.path)!r})"
+
+
+def _lazy_safetensors(files: list[Path]) -> dict[str, LazyTensor]:
+    """Every tensor of ``files`` by name, as :class:`LazyTensor` s (only the headers are read)."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as file:
+            for name in file.keys():
+                tensors[name] = LazyTensor(path, name, file.get_slice(name).get_shape())
+    return tensors
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a Hugging Face folder saved as safetensors (one file or an index)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
+
+
+def load_weights(source: Any, lazy: bool = False, **kwargs) -> Mapping[str, torch.Tensor]:
     """A model's tensors by name, from whatever form a user has them in.
 
     - a ``torch.nn.Module`` or a mapping of tensors: used as they are;
     - a ``.safetensors`` file;
     - a Lightning ``.ckpt`` (its ``state_dict``) or any ``torch.save`` file of a state dict
-      (loaded with ``weights_only=True``);
+      (loaded with ``weights_only=True``, memory-mapped: pages are read when used);
     - anything else: a hub id, a Hugging Face folder or an embedded name, loaded with
       :func:`load_causal_lm` in the checkpoint's own dtype (``kwargs`` go to ``from_pretrained``).
+
+    With ``lazy=True`` a ``.safetensors`` file, and a local or embedded Hugging Face folder of
+    safetensors, give :class:`LazyTensor` values that read only what is indexed (the online
+    merging optimizers read one parameter, or one shard of it, at a time), with the names as
+    stored in the files.
 
     Names keep their prefixes (a ``.ckpt`` of a LightningModule holding ``self.policy`` names its
     weights ``policy.model...``); the online merging optimizers align prefixes by themselves.
@@ -118,18 +163,25 @@ def load_weights(source: Any, **kwargs) -> Mapping[str, torch.Tensor]:
         )
     path = Path(source)
     if path.suffix == ".safetensors":
+        if lazy:
+            return _lazy_safetensors([_existing(path)])
         from safetensors.torch import load_file
 
         return load_file(str(_existing(path)))
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         try:
-            state = torch.load(_existing(path), map_location="cpu", weights_only=True)
+            state = torch.load(_existing(path), map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError:
             raise ValueError(f"{path} holds Python objects, not only tensors: save a state_dict() instead") from None
         state = state.get("state_dict", state) if isinstance(state, Mapping) else state
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{path} holds no state dict of tensors (a Lightning .ckpt or a torch.save of one)")
         return state
+    if lazy and not kwargs:
+        folder = Path(resolve_model(str(source))).expanduser()
+        files = _safetensors_files(folder) if folder.is_dir() else []
+        if files:
+            return _lazy_safetensors(files)
     return load_causal_lm(str(source), **{"dtype": "auto", **kwargs}).state_dict()
 
 

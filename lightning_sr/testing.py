@@ -6,6 +6,7 @@ without any model files: ``generator = tiny_llama(tokenizer := make_tokenizer(ch
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch
@@ -118,3 +119,29 @@ def save_tiny_reward(directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)
+
+
+def spawn_gloo(fn, processes: int, *args) -> None:
+    """Run ``fn(rank, processes, *args)`` in ``processes`` new CPU processes joined by a gloo
+    process group (one torch thread each); raises if any of them fails.
+
+    ``fn`` must be importable by name (a module-level function). For the sharded-training tests
+    and benchmarks: FSDP2 runs on CPUs with gloo.
+    """
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.start_processes(_gloo_process, (processes, port, fn, args), nprocs=processes, start_method="spawn")
+
+
+def _gloo_process(rank: int, processes: int, port: int, fn, args) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=processes)
+    try:
+        fn(rank, processes, *args)
+    finally:
+        dist.destroy_process_group()

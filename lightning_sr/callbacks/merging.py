@@ -75,7 +75,7 @@ class OnlineMerging(Callback):
                 "Set its optimizer to lightning_sr.optim.OnDARE or lightning_sr.optim.OnTIES."
             )
             return
-        base = load_weights(self.base_model, **self.load_kwargs)
+        base = load_weights(self.base_model, lazy=True, **self.load_kwargs)
         self.reports = [optimizer.set_base(pl_module, base) for optimizer in optimizers]
         del base
         for optimizer, report in zip(optimizers, self.reports):

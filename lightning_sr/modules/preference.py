@@ -26,8 +26,9 @@ from torch import Tensor, nn
 from torchmetrics.classification import BinaryAccuracy
 
 from lightning_sr.lightning_packages import LightningModule, LRSchedulerCallable, OptimizerCallable
-from lightning_sr.loading import load_causal_lm
+from lightning_sr.loading import load_causal_lm, load_weights
 from lightning_sr.losses import dpo_loss, ipo_loss, kto_loss, sequence_logprobs
+from lightning_sr.sharding import check_strategy, shard_for_strategy
 
 LOSSES = ("dpo", "ipo", "kto")
 
@@ -54,6 +55,10 @@ class PreferenceModule(LightningModule):
             an online merging optimizer gets its reference delta ``tau = SFT - base``.
         dtype: dtype to load named models in; fp32 by default because updates of size ``lr``
             (and OnDARE's ``alpha * tau``) vanish in bf16 weights.
+        fsdp_units: under ``ModelParallelStrategy`` (``lightning_sr.FSDP2Strategy``) the policy
+            and the reference are sharded with FSDP2, one unit per submodule of these classes
+            (e.g. ``["LlamaDecoderLayer"]``); None is the model's decoder layers, found from the
+            model (see :func:`lightning_sr.sharding.shard_units`). Ignored by other strategies.
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class PreferenceModule(LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         base_model: str | nn.Module | None = None,
         dtype: str | None = "float32",
+        fsdp_units: list[str] | None = None,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -85,6 +91,7 @@ class PreferenceModule(LightningModule):
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dtype_name = dtype
+        self.fsdp_units = fsdp_units
         # A plain dict, so that model objects given here are not registered as submodules
         # (they would be saved in checkpoints and moved to the device a second time).
         self._specs = {"policy": policy, "reference": reference, "base": base_model}
@@ -102,8 +109,12 @@ class PreferenceModule(LightningModule):
         path = getattr(self._specs["policy"], "name_or_path", None)
         return path or None
 
+    def setup(self, stage: str) -> None:
+        check_strategy(self.trainer, type(self).__name__)
+
     def configure_model(self) -> None:
-        """Load the policy and build the frozen reference (once; later calls do nothing)."""
+        """Load the policy and build the frozen reference (once; later calls do nothing); under
+        ``ModelParallelStrategy`` shard both (see ``fsdp_units``)."""
         if self.policy is None:
             self.policy = load_causal_lm(self._specs["policy"], self.dtype_name)
         self.policy.train(self.training)  # from_pretrained returns eval mode; Lightning keeps modes
@@ -115,6 +126,7 @@ class PreferenceModule(LightningModule):
             else:
                 reference = self._specs["reference"]
             self._frozen["reference"] = reference.requires_grad_(False).eval().to(self.device)
+        shard_for_strategy(self, [self.policy, self.reference], self.fsdp_units)
 
     @property
     def reference(self) -> nn.Module | None:
@@ -137,8 +149,8 @@ class PreferenceModule(LightningModule):
         if isinstance(spec, nn.Module):
             return spec
         if spec == self._specs["policy"] and self._specs["reference"] is None:
-            return self.reference  # the policy as loaded, already in memory
-        return load_causal_lm(spec, self.dtype_name)  # stays on the CPU; set_base moves tensor by tensor
+            return self.reference  # the policy as loaded, already in memory (and sharded like it)
+        return load_weights(spec, lazy=True)  # read lazily where it can be: set_base takes one tensor (shard) at a time
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from lightning_sr.lightning_packages import LightningModule, LRSchedulerCallable, OptimizerCallable
 from lightning_sr.loading import load_causal_lm
 from lightning_sr.losses import token_logprobs
+from lightning_sr.sharding import check_strategy, shard_for_strategy
 
 
 def response_nll(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
@@ -49,6 +50,10 @@ class SFTModule(LightningModule):
             class's own defaults.
         scheduler: optional learning-rate scheduler, stepped every optimizer step.
         dtype: dtype to load a named model in; fp32 by default (small updates vanish in bf16).
+        fsdp_units: under ``ModelParallelStrategy`` (``lightning_sr.FSDP2Strategy``) the model is
+            sharded with FSDP2, one unit per submodule of these classes (e.g.
+            ``["LlamaDecoderLayer"]``); None is the model's decoder layers, found from the model
+            (see :func:`lightning_sr.sharding.shard_units`). Ignored by other strategies.
     """
 
     def __init__(
@@ -57,11 +62,13 @@ class SFTModule(LightningModule):
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         dtype: str | None = "float32",
+        fsdp_units: list[str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler", *(["model"] if isinstance(model, nn.Module) else [])])
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dtype_name = dtype
+        self.fsdp_units = fsdp_units
         self._spec = model  # not registered as a submodule until configure_model
         self.model: nn.Module | None = model if isinstance(model, nn.Module) else None
 
@@ -72,11 +79,16 @@ class SFTModule(LightningModule):
             return self._spec
         return getattr(self._spec, "name_or_path", None) or None
 
+    def setup(self, stage: str) -> None:
+        check_strategy(self.trainer, type(self).__name__)
+
     def configure_model(self) -> None:
-        """Load the model (once; later calls do nothing)."""
+        """Load the model (once; later calls do nothing); under ``ModelParallelStrategy`` shard
+        it (see ``fsdp_units``)."""
         if self.model is None:
             self.model = load_causal_lm(self._spec, self.dtype_name)
         self.model.train(self.training)  # from_pretrained returns eval mode; Lightning keeps modes
+        shard_for_strategy(self, [self.model], self.fsdp_units)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -70,13 +70,14 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_sr.optim.shards import FlatShard, flat_shard, is_sharded, local
 from lightning_sr.optim.sparsify import (
     MIN_KEEP_RATE,
-    bernoulli_indices,
-    bernoulli_mask,
     index_dtype,
     kept_count,
     magnitude_indices,
+    shard_bernoulli_indices,
+    shard_bernoulli_mask,
     top_indices,
 )
 
@@ -186,8 +187,58 @@ def _lookup(indices: torch.Tensor, values: torch.Tensor, query: torch.Tensor) ->
 
     One ``searchsorted`` and a select, no boolean indexing: nothing waits for the device.
     """
+    if not indices.numel():  # a shard that keeps nothing of this parameter
+        return torch.zeros(query.shape, dtype=values.dtype, device=values.device)
     pos = torch.searchsorted(indices, query).clamp_(max=indices.numel() - 1)
     return torch.where(indices[pos] == query, values[pos], 0.0)
+
+
+_ELEMENTWISE_STATE = ("exp_avg", "exp_avg_sq", "master", "accumulated")
+
+
+def _base_part(value, param: torch.Tensor, shard: FlatShard) -> torch.Tensor:
+    """The base's values at ``param``'s local elements: the rows of its shard.
+
+    ``value`` is a tensor, a ``DTensor`` or a lazily read tensor (anything with ``shape`` that
+    slices by rows, as :func:`lightning_sr.loading.load_weights` returns for safetensors).
+    """
+    if is_sharded(value):
+        if is_sharded(param) and (value.device_mesh, value.placements) == (param.device_mesh, param.placements):
+            return value.to_local()
+        value = value.full_tensor()
+    if not is_sharded(param):
+        return value if isinstance(value, torch.Tensor) else value[:]
+    rows = local(param).shape[0]
+    row_numel = math.prod(param.shape[1:])
+    first = shard.start // row_numel if row_numel else 0
+    return value[first : first + rows]
+
+
+def _as_dtensors(param: torch.Tensor, entry: dict) -> dict:
+    """A sharded parameter's state entry with its tensors as ``DTensor`` s in ``param``'s layout."""
+    from torch.distributed.tensor import DTensor
+
+    def wrap(tensor: torch.Tensor) -> torch.Tensor:
+        return DTensor.from_local(
+            tensor, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+        )
+
+    out = {k: wrap(v) if k in _ELEMENTWISE_STATE else v for k, v in entry.items() if k not in ("tau_idx", "tau_val")}
+    tau = torch.zeros_like(entry["exp_avg"])
+    if "tau_idx" in entry:
+        tau.view(-1)[entry["tau_idx"].long()] = entry["tau_val"].to(tau.dtype)
+    out["tau"], out["has_tau"] = wrap(tau), "tau_idx" in entry
+    return out
+
+
+def _local_part(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A loaded state tensor as this rank's part of ``param``: a ``DTensor`` is laid out like the
+    parameter first (a checkpoint written with another number of ranks), then unwrapped."""
+    if not is_sharded(value):
+        return value
+    if is_sharded(param) and (value.device_mesh, value.placements) != (param.device_mesh, param.placements):
+        value = value.redistribute(param.device_mesh, param.placements)
+    return value.to_local() if is_sharded(param) else value.full_tensor()
 
 
 class OnlineMergingOptimizer(Optimizer):
@@ -203,14 +254,31 @@ class OnlineMergingOptimizer(Optimizer):
     def __init__(self, params, **hyperparameters):
         super().__init__(params, hyperparameters)
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._shards: dict[int, FlatShard] = {}
+        self._create_sharded_state()
 
     def __setstate__(self, state: dict) -> None:  # copy / pickle keep only torch's own fields
         super().__setstate__(state)
-        self._generators = {}
+        self._generators, self._shards = {}, {}
 
     def add_param_group(self, param_group: dict) -> None:
         _check_hyperparameters(type(self).__name__, {**self.defaults, **param_group})
         super().add_param_group(param_group)
+        if hasattr(self, "_shards"):  # a group added after construction
+            self._create_sharded_state()
+
+    def _create_sharded_state(self) -> None:
+        """Create the state of sharded (``DTensor``) parameters now, not at their first step.
+
+        torch's distributed checkpointing (which Lightning's ``ModelParallelStrategy`` uses)
+        fills the state it finds: a state that does not exist yet is made by a fake step at
+        lr 0, which would merge τ̃ into the weights and count a step.
+        """
+        positions = self._positions()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.requires_grad and is_sharded(param):
+                    self._state_for(param, group, positions[id(param)])
 
     # ---------------------------------------------------------------- state ----------------------
 
@@ -219,22 +287,43 @@ class OnlineMergingOptimizer(Optimizer):
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         return {id(p): i for i, p in enumerate(params)}
 
+    def _shard(self, param: torch.Tensor) -> FlatShard:
+        """Where the parameter's local elements sit in the whole flattened parameter (cached)."""
+        if id(param) not in self._shards:
+            self._shards[id(param)] = flat_shard(param)
+        return self._shards[id(param)]
+
     def _state_for(self, param: torch.Tensor, group: dict, position: int) -> dict:
-        """The parameter's state, created on first use: moments, fp32 master, generator, step-K."""
+        """The parameter's state, created on first use: moments, fp32 master, generator, step-K.
+
+        Every tensor in it has the shape of the parameter's local part (its shard under FSDP2).
+        """
         state = self.state[param]
         if "step" in state:
             return state
-        work_dtype = torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
+        part = local(param)
+        work_dtype = torch.float32 if part.dtype in _LOW_PRECISION else part.dtype
         state["step"] = 0
-        state["exp_avg"] = torch.zeros(param.shape, dtype=work_dtype, device=param.device)
-        state["exp_avg_sq"] = torch.zeros(param.shape, dtype=work_dtype, device=param.device)
-        if param.dtype != work_dtype or not param.is_contiguous():
-            state["master"] = param.detach().to(work_dtype, copy=True).contiguous()
+        state["exp_avg"] = torch.zeros(part.shape, dtype=work_dtype, device=part.device)
+        state["exp_avg_sq"] = torch.zeros(part.shape, dtype=work_dtype, device=part.device)
+        if part.dtype != work_dtype or not part.is_contiguous():
+            state["master"] = part.detach().to(work_dtype, copy=True).contiguous()
         if group["merge_every"] > 1:
-            state["accumulated"] = torch.zeros(param.shape, dtype=work_dtype, device=param.device)
+            state["accumulated"] = torch.zeros(part.shape, dtype=work_dtype, device=part.device)
         if self._uses_rng:
-            self._seed(state, group, position, param.device)
+            self._seed(state, group, position, part.device)
         return state
+
+    @staticmethod
+    def _weight(param: torch.Tensor, state: dict) -> torch.Tensor:
+        """The tensor the update is applied to: the fp32 master copy if there is one (refreshed
+        from the parameter until the first step, so weights loaded after construction count),
+        else the parameter's local part."""
+        if "master" not in state:
+            return local(param)
+        if state["step"] == 0:
+            state["master"].copy_(local(param))
+        return state["master"]
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """This optimizer's generator on ``device``; each parameter's stream is its saved state."""
@@ -258,6 +347,23 @@ class OnlineMergingOptimizer(Optimizer):
     def _has_base(self) -> bool:
         return any("tau_idx" in s for s in self.state.values())
 
+    def state_dict(self) -> dict:
+        """torch's optimizer state dict; a sharded parameter's state is given as ``DTensor`` s.
+
+        Its moments, master copy and step-K buffer are wrapped (no copy) in the parameter's own
+        layout, and τ̃ is given densely in that layout (``tau``, zeros where nothing is kept,
+        with ``has_tau`` saying whether a base was set), so that torch's distributed checkpoint
+        saves every rank's part and loads it back on any number of ranks. The mask generator's
+        state and the step are the same on every rank. Unsharded parameters keep τ̃ sparse
+        (``tau_idx``, ``tau_val``).
+        """
+        saved = super().state_dict()
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for index, param in enumerate(params):
+            if is_sharded(param) and index in saved["state"]:
+                saved["state"][index] = _as_dtensors(param, saved["state"][index])
+        return saved
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by ``state_dict()``, keeping each tensor's own dtype.
 
@@ -266,6 +372,8 @@ class OnlineMergingOptimizer(Optimizer):
         corrupt the generator state and turn fp32 masters of bf16 parameters into bf16. Here the
         tensors are only moved to the parameter's device (the generator state, a byte tensor
         for the generator on the parameter's device, stays on the CPU where torch keeps it).
+        ``DTensor`` values (the sharded form of :meth:`state_dict`) are laid out like their
+        parameter and replaced by their local part; a dense ``tau`` becomes sparse again.
         """
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
@@ -277,9 +385,16 @@ class OnlineMergingOptimizer(Optimizer):
             restored = {}
             for key, value in saved_state[saved_id].items():
                 if isinstance(value, torch.Tensor):
-                    device = "cpu" if key == "rng_state" else param.device
+                    value = _local_part(value, param)
+                    device = "cpu" if key == "rng_state" else local(param).device
                     value = value.detach().to(device=device, copy=True)
                 restored[key] = value
+            if "tau" in restored:
+                tau, has_tau = restored.pop("tau").view(-1), restored.pop("has_tau", True)
+                if has_tau:
+                    kept = tau.nonzero().squeeze(1)
+                    restored["tau_idx"] = kept.to(index_dtype(tau.numel()))
+                    restored["tau_val"] = tau[kept]
             self.state[param] = restored
 
     # ---------------------------------------------------------------- base -----------------------
@@ -303,8 +418,15 @@ class OnlineMergingOptimizer(Optimizer):
         and logged. (Lightning's order, ``set_base`` at fit start on a fresh optimizer and then
         ``load_state_dict``, needs no such care: the loaded state replaces what was set.) A
         parameter that has taken steps without any base is an error.
+
+        Sharded (FSDP2) parameters: each rank computes τ on its own shard only, from the rows of
+        the base that the shard covers, and keeps the part of the whole parameter's τ̃ that falls
+        there. The base's values may be whole tensors, ``DTensor`` s (a base sharded like the
+        policy is read locally, with no communication), or lazily read tensors
+        (:func:`lightning_sr.loading.load_weights` of a ``.safetensors`` file or a Hugging Face
+        folder reads only those rows), so no rank needs the whole base in memory at once.
         """
-        base_tensors = base.state_dict() if isinstance(base, nn.Module) else dict(base)
+        base_tensors = base.state_dict() if isinstance(base, nn.Module) else base
         names = {id(p): n for n, p in model.named_parameters()}
         positions = self._positions()
         cls = type(self).__name__
@@ -326,7 +448,7 @@ class OnlineMergingOptimizer(Optimizer):
                 f"{[n for _, _, n in entries[:3]]}, the base has {list(base_tensors)[:3]}"
             )
         for _, param, name in entries:
-            if name in pairs and base_tensors[pairs[name]].shape != param.shape:
+            if name in pairs and tuple(base_tensors[pairs[name]].shape) != tuple(param.shape):
                 raise ValueError(
                     f"{cls}.set_base: parameter {name!r} has shape {tuple(param.shape)} but its "
                     f"base {pairs[name]!r} has shape {tuple(base_tensors[pairs[name]].shape)}"
@@ -355,9 +477,10 @@ class OnlineMergingOptimizer(Optimizer):
             state.pop("plain", None)
             if self._uses_rng:  # M₀ from the start of the stream, however often set_base is called
                 self._seed(state, group, positions[id(param)], param.device)
-            current = state.get("master", param).detach()
-            tau = current - base_tensors[pairs[name]].to(device=current.device, dtype=current.dtype)
-            idx, values = self._sparsify_reference(tau.reshape(-1), state, group)
+            current = self._weight(param, state).detach()
+            base_part = _base_part(base_tensors[pairs[name]], param, self._shard(param))
+            tau = current - base_part.to(device=current.device, dtype=current.dtype)
+            idx, values = self._sparsify_reference(tau.reshape(-1), state, group, self._shard(param))
             nonzero = values != 0
             state["tau_idx"] = idx[nonzero].to(device=param.device, dtype=index_dtype(tau.numel()))
             state["tau_val"] = values[nonzero].contiguous()
@@ -412,8 +535,8 @@ class OnlineMergingOptimizer(Optimizer):
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             states = [self._state_for(p, group, positions[id(p)]) for p in params]
-            weights = [s.get("master", p) for p, s in zip(params, states)]
-            grads = [p.grad.to(w.dtype) for p, w in zip(params, weights)]  # no copy if it has w's dtype
+            weights = [self._weight(p, s) for p, s in zip(params, states)]
+            grads = [local(p.grad).to(w.dtype) for p, w in zip(params, weights)]  # no copy if it has w's dtype
             beta1, beta2 = group["betas"]
             exp_avg_sqs = [s["exp_avg_sq"] for s in states]
             torch._foreach_lerp_([s["exp_avg"] for s in states], grads, 1 - beta1)
@@ -444,16 +567,19 @@ class OnlineMergingOptimizer(Optimizer):
             accumulated = state.get("accumulated")
             if accumulated is not None:
                 weight.sub_(accumulated)  # back to the last merge point
-            self._merge(weight.view(-1), adam, accumulated, state, group)
+            self._merge(weight.view(-1), adam, accumulated, state, group, self._shard(param))
             if accumulated is not None:
                 accumulated.zero_()
-        if weight is not param:
-            param.copy_(weight)
+        if "master" in state:
+            local(param).copy_(weight)
 
-    def _sparsify_reference(self, tau: torch.Tensor, state: dict, group: dict):
+    def _sparsify_reference(self, tau: torch.Tensor, state: dict, group: dict, shard: FlatShard):
+        """Kept local indices and values of τ̃ from the local part of τ (flat)."""
         raise NotImplementedError
 
-    def _merge(self, flat, adam, accumulated, state, group) -> None:
+    def _merge(self, flat, adam, accumulated, state, group, shard: FlatShard) -> None:
+        """Merge this step's Δ (plus the step-K ``accumulated`` deltas) and α·τ̃ into ``flat``,
+        the local part of the weights."""
         raise NotImplementedError
 
 
@@ -538,22 +664,22 @@ class OnDARE(OnlineMergingOptimizer):
         than as a dense mask on the device (GPUs: one kernel, no host round trip)."""
         return device.type == "cpu"
 
-    def _sparsify_reference(self, tau, state, group):
+    def _sparsify_reference(self, tau, state, group, shard):
         p = group["keep_rate"]
         if p >= 1:
             idx = torch.arange(tau.numel(), device=tau.device)
         elif self._draws_indices(tau.device):
-            idx = self._draw(state, tau.device, bernoulli_indices, tau.numel(), p)
+            idx = self._draw(state, tau.device, shard_bernoulli_indices, shard, tau.numel(), p)
         else:  # once per parameter, so the host sync of nonzero() does not matter
-            idx = self._draw(state, tau.device, bernoulli_mask, tau.numel(), p).nonzero().squeeze(1)
+            idx = self._draw(state, tau.device, shard_bernoulli_mask, shard, tau.numel(), p).nonzero().squeeze(1)
         values = tau[idx] / p
         clamp = group.get("clamp_reference", False)  # absent from checkpoints of older versions
         return idx, values.clamp_(-1.0, 1.0) if clamp else values
 
-    def _merge(self, flat, adam, accumulated, state, group):
+    def _merge(self, flat, adam, accumulated, state, group, shard):
         p, alpha = group["keep_rate"], group["merge_weight"]
         if p < 1 and self._draws_indices(flat.device):  # Δ only at the ~p·n kept coordinates
-            idx = self._draw(state, flat.device, bernoulli_indices, flat.numel(), p)
+            idx = self._draw(state, flat.device, shard_bernoulli_indices, shard, flat.numel(), p)
             delta = adam.at(idx)
             if accumulated is not None:
                 delta.add_(accumulated.view(-1)[idx])
@@ -563,7 +689,7 @@ class OnDARE(OnlineMergingOptimizer):
             if accumulated is not None:
                 delta.add_(accumulated.view(-1))
             if p < 1:
-                mask = self._draw(state, flat.device, bernoulli_mask, flat.numel(), p)
+                mask = self._draw(state, flat.device, shard_bernoulli_mask, shard, flat.numel(), p)
                 flat.addcmul_(delta, mask, value=(1 - alpha) / p)
             else:
                 flat.add_(delta, alpha=1 - alpha)
@@ -620,24 +746,24 @@ class OnTIES(OnlineMergingOptimizer):
             merge_weight=merge_weight, merge_every=merge_every, seed=seed,
         )
 
-    def _sparsify_reference(self, tau, state, group):
-        idx = magnitude_indices(tau, group["keep_rate"])
+    def _sparsify_reference(self, tau, state, group, shard):
+        idx = magnitude_indices(tau, group["keep_rate"], shard)
         if idx is None:
             return torch.arange(tau.numel(), device=tau.device), tau.clone()
         return idx, tau[idx]
 
-    def _merge(self, flat, adam, accumulated, state, group):
+    def _merge(self, flat, adam, accumulated, state, group, shard):
         alpha, keep_rate = group["merge_weight"], group["keep_rate"]
-        k = kept_count(flat.numel(), keep_rate)
+        k = kept_count(shard.numel, keep_rate)
         if accumulated is None and k is not None:
             # Only the kept coordinates of Δ are needed: rank by |Δ|, then compute Δ there.
-            top = top_indices(adam.magnitude, flat.numel(), k, flat.device)
+            top = top_indices(adam.magnitude, flat.numel(), k, flat.device, shard)
             delta, values = None, adam.at(top)
         else:
             delta = adam.dense().view(-1)
             if accumulated is not None:
                 delta.add_(accumulated.view(-1))
-            top = magnitude_indices(delta, keep_rate)
+            top = magnitude_indices(delta, keep_rate, shard)
             values = None if top is None else delta[top]
         tau_idx = state["tau_idx"].long() if "tau_idx" in state else None
         tau_val = state.get("tau_val")

@@ -12,6 +12,19 @@ random drop is drawn as a dense mask on the device instead:
   drop): on the CPU by a sampled threshold, one chunked pass that computes the magnitudes and
   collects candidates, and ``torch.topk`` on the few candidates; on an accelerator by
   ``torch.topk`` (no host sync); never a full sort of the tensor.
+
+Every selection is made in the *global* flat index space of a parameter that may be sharded
+(:class:`~lightning_sr.optim.shards.FlatShard`), so it keeps the same coordinates for any layout:
+
+- a random drop draws the whole parameter's kept set on every rank (the same stream: same seed,
+  same position, same step) and keeps the part in the local slice, at about p·n draws per rank
+  and no communication (:func:`shard_bernoulli_indices`, :func:`shard_bernoulli_mask`);
+- the top-k of a sharded parameter is the top-k of the whole parameter: the ranks agree on a
+  candidate threshold (two small all-reduces), then find the exact k-th largest magnitude by a
+  radix select over the candidates' float bits, 8 bits a round (four all-reduces of 256 counts
+  for float32), and break ties at the k-th value by the lowest global index (one all-gather of
+  two numbers). One process runs the same select without the collectives, so one process and
+  any number of shards keep the same set, ties included.
 """
 
 from __future__ import annotations
@@ -20,6 +33,9 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
+
+from lightning_sr.optim.shards import FlatShard
 
 __all__ = [
     "MIN_KEEP_RATE",
@@ -29,6 +45,8 @@ __all__ = [
     "magnitude_indices",
     "top_indices",
     "index_dtype",
+    "shard_bernoulli_indices",
+    "shard_bernoulli_mask",
 ]
 
 # The smallest keep rate the samplers handle exactly. A geometric gap is at most about 37/p (the
@@ -81,6 +99,33 @@ def bernoulli_mask(numel: int, keep_rate: float, generator: torch.Generator) -> 
     return mask.bernoulli_(keep_rate, generator=generator)
 
 
+def shard_bernoulli_indices(
+    shard: FlatShard, local_numel: int, keep_rate: float, generator: torch.Generator
+) -> torch.Tensor:
+    """:func:`bernoulli_indices` of the whole parameter, restricted to the local slice (local indices).
+
+    Every rank draws the same ~p·n kept positions and keeps those in its slice, so the mask is
+    the one a single process draws, whatever the layout.
+    """
+    indices = bernoulli_indices(shard.numel, keep_rate, generator)
+    if shard.start == 0 and local_numel == shard.numel:
+        return indices
+    bounds = torch.tensor([shard.start, shard.start + local_numel])
+    low, high = torch.searchsorted(indices, bounds).tolist()
+    return indices[low:high] - shard.start
+
+
+def shard_bernoulli_mask(
+    shard: FlatShard, local_numel: int, keep_rate: float, generator: torch.Generator
+) -> torch.Tensor:
+    """:func:`bernoulli_mask` of the whole parameter, restricted to the local slice (a view).
+
+    The whole mask is drawn on every rank (one kernel over n elements, n transient bytes) so that
+    the local part is the one a single process draws.
+    """
+    return bernoulli_mask(shard.numel, keep_rate, generator)[shard.start : shard.start + local_numel]
+
+
 def kept_count(numel: int, keep_rate: float) -> int | None:
     """⌊keep_rate·numel⌋, the size of TIES' top-k, or ``None`` when nothing is dropped:
     ``keep_rate >= 1`` or ⌊p·n⌋ = 0 (the authors' rule: a top-k that would keep nothing keeps
@@ -89,15 +134,19 @@ def kept_count(numel: int, keep_rate: float) -> int | None:
     return None if keep_rate >= 1.0 or k < 1 else k
 
 
-def magnitude_indices(values: torch.Tensor, keep_rate: float) -> torch.Tensor | None:
+def magnitude_indices(values: torch.Tensor, keep_rate: float, shard: FlatShard | None = None) -> torch.Tensor | None:
     """Flat indices (sorted, int64) of the ⌊keep_rate·numel⌋ largest ``|values|``, or ``None``
     when nothing is dropped (see :func:`kept_count`). Never sorts the tensor: see :func:`top_indices`.
+
+    ``values`` is the local slice of the parameter that ``shard`` describes (the whole tensor by
+    default); the count and the selection are those of the whole parameter, the indices local.
     """
-    k = kept_count(values.numel(), keep_rate)
+    shard = shard or FlatShard(values.numel())
+    k = kept_count(shard.numel, keep_rate)
     if k is None:
         return None
     flat = values.reshape(-1)
-    return top_indices(lambda part: flat[part].abs(), flat.numel(), k, flat.device)
+    return top_indices(lambda part: flat[part].abs(), flat.numel(), k, flat.device, shard)
 
 
 _SAMPLE = 32768  # elements in the strided sample that sets the candidate threshold
@@ -105,37 +154,91 @@ _CHUNK = 1 << 18  # elements per chunk of the candidate pass: its temporaries st
 
 
 def top_indices(
-    magnitude_at: Callable[[slice], torch.Tensor], numel: int, k: int, device: torch.device
+    magnitude_at: Callable[[slice], torch.Tensor],
+    numel: int,
+    k: int,
+    device: torch.device,
+    shard: FlatShard | None = None,
 ) -> torch.Tensor:
-    """Sorted indices of the ``k`` largest of ``numel`` non-negative magnitudes (``k <= numel``).
+    """Sorted local indices of the ``k`` largest non-negative magnitudes of a parameter.
 
-    ``magnitude_at(part)`` returns the magnitudes at ``part``, a slice of the flat index range:
-    computing them where they are needed lets the CPU path fuse their computation with the
-    selection, chunk by chunk, instead of writing and re-reading a dense tensor. Exact.
+    ``magnitude_at(part)`` returns the magnitudes at ``part``, a slice of the ``numel`` local
+    flat indices: computing them where they are needed lets the CPU path fuse their computation
+    with the selection, chunk by chunk, instead of writing and re-reading a dense tensor.
+    ``shard`` places the local elements in the whole parameter (default: they are all of it);
+    ``k`` counts over the whole parameter. Exact; ties at the k-th magnitude keep the lowest
+    global indices.
 
-    On an accelerator this is ``torch.topk`` of the dense magnitudes (k is known on the host, so
-    nothing waits for the device). On the CPU, for large n and small k, it is much faster than
-    ``topk`` (``topk`` of 1% of 25M elements costs ~10 element-wise passes): a strided sample's
-    quantile gives a threshold that about 2k entries exceed; one pass over chunks computes the
-    magnitudes and collects those candidates (in index order), and ``topk`` runs on the
-    candidates only. If the sample misjudged the threshold (fewer than k candidates), it falls
-    back to ``topk`` on everything. Tied magnitudes at the k-th value are resolved in an
-    implementation-defined order, as with ``topk``.
+    For large n and small k (the usual keep rates) it is much faster than ``topk`` on the CPU
+    (``topk`` of 1% of 25M elements costs ~10 element-wise passes): a strided sample's quantile
+    gives a threshold that about 2k entries exceed (the lowest of the ranks' thresholds), one pass
+    over chunks computes the magnitudes and collects those candidates (in index order), and the
+    exact k-th magnitude among the candidates is found by :func:`_radix_select`. If the sample
+    misjudged the threshold (fewer than k candidates over all ranks), the select runs on
+    everything. An unsharded tensor on an accelerator takes ``torch.topk`` of the dense
+    magnitudes instead (k is known on the host, so nothing waits for the device; ties in an
+    implementation-defined order).
     """
-    if device.type == "cpu" and numel >= 8 * _SAMPLE and 16 * k <= numel:
-        sample = magnitude_at(slice(0, numel, numel // _SAMPLE))
-        rank = max(1, int(sample.numel() * (1 - 2 * k / numel)))
-        threshold = torch.kthvalue(sample, rank).values
-        indices, values = [], []
-        for start in range(0, numel, _CHUNK):
-            part = magnitude_at(slice(start, start + _CHUNK))
-            hits = (part >= threshold).nonzero().squeeze(1)
-            values.append(part[hits])
-            indices.append(hits.add_(start))
-        candidates = torch.cat(indices)
-        if candidates.numel() >= k:
-            chosen = torch.topk(torch.cat(values), k, sorted=False).indices
-            keep = torch.zeros(candidates.numel(), dtype=torch.bool)
-            keep[chosen] = True
-            return candidates[keep]
-    return torch.topk(magnitude_at(slice(None)), k, sorted=False).indices.sort().values
+    shard = shard or FlatShard(numel)
+    if device.type != "cpu" and shard.group is None:
+        return torch.topk(magnitude_at(slice(None)), k, sorted=False).indices.sort().values
+    if shard.numel >= 8 * _SAMPLE and 16 * k <= shard.numel:  # the same branch on every rank
+        candidates, values = _candidates(magnitude_at, numel, k, device, shard)
+        count = shard.all_reduce(torch.tensor([candidates.numel()], device=device))
+        if int(count) >= k:
+            return candidates[_radix_select(values, k, shard)]
+    return _radix_select(magnitude_at(slice(None)), k, shard)
+
+
+def _candidates(magnitude_at, numel: int, k: int, device: torch.device, shard: FlatShard):
+    """Indices (in order) and magnitudes of the local entries at or above a sampled threshold
+    that about 2k entries of the whole parameter exceed."""
+    threshold = torch.tensor([math.inf], device=device)
+    if numel:
+        sample = magnitude_at(slice(0, numel, max(1, numel // _SAMPLE)))
+        rank = max(1, int(sample.numel() * (1 - 2 * k / shard.numel)))
+        threshold[0] = torch.kthvalue(sample, rank).values
+    threshold = shard.all_reduce(threshold, dist.ReduceOp.MIN)
+    indices, values = [], []
+    for start in range(0, numel, _CHUNK):
+        part = magnitude_at(slice(start, start + _CHUNK))
+        hits = (part >= threshold).nonzero().squeeze(1)
+        values.append(part[hits])
+        indices.append(hits.add_(start))
+    if not indices:
+        return torch.empty(0, dtype=torch.long, device=device), torch.empty(0, device=device)
+    return torch.cat(indices), torch.cat(values)
+
+
+_BITS_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _radix_select(values: torch.Tensor, k: int, shard: FlatShard) -> torch.Tensor:
+    """Sorted positions in ``values`` (this rank's magnitudes, in global index order) of the
+    ``k`` largest magnitudes over all shards; ties at the k-th value keep the lowest global index.
+
+    The bit pattern of a non-negative float orders like its value, so the k-th largest value is
+    found a byte at a time from the top: count the candidates' next byte over all ranks (a
+    histogram of 256), take the byte where the count from the top reaches k, keep everything
+    above it and go on with the candidates that share it.
+    """
+    bits = values.contiguous().view(_BITS_VIEW[values.element_size()])
+    positions = torch.arange(values.numel(), device=values.device)
+    kept, remaining = [], k
+    for shift in range(8 * values.element_size() - 8, -1, -8):
+        digit = ((bits >> shift) & 0xFF).long()
+        histogram = shard.all_reduce(torch.bincount(digit, minlength=256))
+        from_top = histogram.flip(0).cumsum(0)  # from_top[j]: candidates with a byte >= 255 - j
+        j = int((from_top >= remaining).nonzero()[0])
+        byte = 255 - j
+        above = digit > byte
+        kept.append(positions[above])
+        remaining -= int(from_top[j] - histogram[byte])
+        same = digit == byte
+        positions, bits = positions[same], bits[same]
+        if remaining == 0:
+            break
+    if remaining > 0:  # equal magnitudes at the k-th value: the lowest global indices first
+        before = shard.count_before(positions.numel(), values.device)
+        kept.append(positions[: max(0, min(positions.numel(), remaining - before))])
+    return torch.cat(kept).sort().values

@@ -1,0 +1,92 @@
+"""Where a parameter's elements live: the whole tensor here, or one FSDP2 shard of it.
+
+Under ``torch.distributed.fsdp.fully_shard`` every parameter is a ``DTensor`` whose local tensor
+is a run of whole rows (dim 0) of the parameter, so it is one contiguous slice of the flattened
+parameter. A :class:`FlatShard` names that slice (the parameter's element count, the global flat
+index of the first local element) and the process group whose ranks hold the other slices. The
+online merging optimizers work on the local slice only and make every random draw and every
+top-k selection in the *global* flat index space, so the result does not depend on the layout:
+one process, or any number of shards (see :mod:`lightning_sr.optim.sparsify`).
+
+An unsharded tensor is ``FlatShard(numel, 0, None)``: one slice, no collectives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["FlatShard", "flat_shard", "local", "is_sharded"]
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (FSDP2 and the other ``torch.distributed.tensor`` users)."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of ``tensor`` on this rank: a ``DTensor``'s local tensor (same storage), else itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+@dataclass(frozen=True)
+class FlatShard:
+    """This rank's slice ``[start, start + local numel)`` of a flattened parameter of ``numel`` elements.
+
+    ``group`` is the process group over the ranks holding the other slices (``None``: the whole
+    tensor is here, and the collectives of :mod:`~lightning_sr.optim.sparsify` are skipped).
+    """
+
+    numel: int
+    start: int = 0
+    group: object | None = None
+
+    def all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        """``tensor`` reduced (``op``, default sum) over the shards' ranks, in place."""
+        if self.group is not None:
+            dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    def count_before(self, count: int, device: torch.device) -> int:
+        """The sum of ``count`` over the shards that come before this one in the flat index order."""
+        if self.group is None:
+            return 0
+        mine = torch.tensor([self.start, count], dtype=torch.long, device=device)
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(gathered, mine, group=self.group)
+        return sum(int(c) for s, c in (g.tolist() for g in gathered) if s < self.start)
+
+
+def flat_shard(param: torch.Tensor) -> FlatShard:
+    """The :class:`FlatShard` of a parameter: its global slice when it is a ``DTensor``.
+
+    Supported layouts are those of FSDP2: the parameter is split along dim 0 over one mesh
+    dimension (``Shard(0)``) and replicated over any others (HSDP). Anything else (tensor
+    parallelism's ``Shard(1)``, several sharded mesh dimensions) raises ``ValueError``: its local
+    part is not one slice of the flat parameter.
+    """
+    if not is_sharded(param):
+        return FlatShard(param.numel())
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    sharded = [i for i, p in enumerate(param.placements) if not isinstance(p, Replicate)]
+    if len(sharded) > 1 or any(type(param.placements[i]) is not Shard or param.placements[i].dim != 0 for i in sharded):
+        raise ValueError(
+            f"a parameter of shape {tuple(param.shape)} has placements {param.placements}; the online "
+            "merging optimizers support FSDP2 layouts only (Shard(0) over one mesh dimension, "
+            "Replicate over the others)"
+        )
+    if not sharded:
+        return FlatShard(param.numel())
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    row = prod(param.shape[1:])
+    start = min(offset[0], param.shape[0]) * row if param.shape else 0
+    return FlatShard(param.numel(), start, param.device_mesh.get_group(sharded[0]))
