@@ -7,12 +7,14 @@ run completes. Then it compares with one uninterrupted run:
 - predict: every prompt exactly once in the output, and every record equal to the uninterrupted
   run's (wall-clock seconds aside): batches keep their composition and seeds when resuming.
 - fit: resumed from ``last.ckpt`` each time; the final weights against the uninterrupted run's
-  (the maximum absolute difference; 0 is bit-exact).
+  (the maximum absolute difference; 0 is bit-exact). ``--sharded`` runs fit with FSDP2
+  (``configs/fit_dpo_ondare_fsdp.yaml``: sharded checkpoints, optimizer state in shards).
 
 Usage::
 
     .venv/bin/python benchmarks/fault_soak.py --cycles 10            # table + results/fault_soak.json
     .venv/bin/python benchmarks/fault_soak.py --cycles 4 --processes 2
+    .venv/bin/python benchmarks/fault_soak.py --cycles 4 --processes 2 --sharded
 
 The test suite runs a few cycles of each (``tests/test_faults.py``).
 """
@@ -77,9 +79,9 @@ def make_workspace(folder: Path, prompts: int = 12, pairs: int = 36) -> dict[str
     }
 
 
-def _devices(processes: int) -> list[str]:
+def _devices(processes: int, sharded: bool = False) -> list[str]:
     return ["--trainer.accelerator=cpu", f"--trainer.devices={processes}"] + (
-        ["--trainer.strategy=ddp"] if processes > 1 else []
+        ["--trainer.strategy=ddp"] if processes > 1 and not sharded else []
     )
 
 
@@ -96,16 +98,17 @@ def predict_command(ws: dict, output: Path, processes: int = 1) -> list[str]:
     ]
 
 
-def fit_command(ws: dict, root: Path, max_steps: int, processes: int = 1) -> list[str]:
+def fit_command(ws: dict, root: Path, max_steps: int, processes: int = 1, sharded: bool = False) -> list[str]:
+    config = "fit_dpo_ondare_fsdp.yaml" if sharded else "fit_dpo_ondare.yaml"
     command = [
-        "fit", f"--config={ROOT / 'configs' / 'fit_dpo_ondare.yaml'}",
+        "fit", f"--config={ROOT / 'configs' / config}",
         f"--model.policy={ws['generator']}", f"--model.base_model={ws['generator']}",
         "--model.optimizer.init_args.lr=0.01", "--model.optimizer.init_args.keep_rate=0.5",
         f"--data.path={ws['pairs']}", f"--data.tokenizer={ws['generator']}", "--data.val_fraction=0",
         "--data.batch_size=2", f"--trainer.max_steps={max_steps}", "--trainer.max_epochs=100",
         "--trainer.callbacks.every_n_train_steps=2", f"--trainer.callbacks.dirpath={root / 'ckpt'}",
         "--trainer.callbacks+=fault_soak.SlowDown", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-        "--trainer.limit_val_batches=0", *_devices(processes),
+        "--trainer.limit_val_batches=0", *_devices(processes, sharded),
     ]
     last = root / "ckpt" / "last.ckpt"
     return command + ([f"--ckpt_path={last}"] if last.exists() else [])
@@ -172,21 +175,28 @@ def soak_predict(ws: dict, folder: Path, cycles: int, seed: int, processes: int 
     }
 
 
-def soak_fit(ws: dict, folder: Path, cycles: int, seed: int, processes: int = 1, max_steps: int = 24) -> dict:
+def soak_fit(
+    ws: dict, folder: Path, cycles: int, seed: int, processes: int = 1, max_steps: int = 24, sharded: bool = False
+) -> dict:
+    from lightning_sr.export import METADATA, model_state_dict
+
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
-    duration = timed(fit_command(ws, folder / "uninterrupted", max_steps, processes), folder)
+    duration = timed(fit_command(ws, folder / "uninterrupted", max_steps, processes, sharded), folder)
     root = folder / "interrupted"
-    kills = kill_cycles(lambda: fit_command(ws, root, max_steps, processes), folder, cycles, random.Random(seed), duration)
+    kills = kill_cycles(
+        lambda: fit_command(ws, root, max_steps, processes, sharded), folder, cycles, random.Random(seed), duration
+    )
 
     def weights(run: str) -> dict:
-        state = torch.load(folder / run / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
-        return state["global_step"], state["state_dict"]
+        last = folder / run / "ckpt" / "last.ckpt"
+        metadata = last / METADATA if last.is_dir() else last
+        return torch.load(metadata, map_location="cpu", weights_only=True)["global_step"], model_state_dict(last)
 
     (steps_a, a), (steps_b, b) = weights("uninterrupted"), weights("interrupted")
     difference = max((a[k] - b[k]).abs().max().item() for k in a)
-    return {"stage": "fit", "processes": processes, "cycles": cycles, "kills": kills,
+    return {"stage": "fit", "processes": processes, "sharded": sharded, "cycles": cycles, "kills": kills,
             "steps": [steps_a, steps_b], "max_weight_difference": difference}
 
 
@@ -195,20 +205,19 @@ def main(argv=None) -> int:
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sharded", action="store_true", help="fit with FSDP2 (the predict soak is skipped)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
         ws = make_workspace(Path(scratch) / "workspace")
-        rows = [
-            soak_predict(ws, Path(scratch) / "predict", args.cycles, args.seed, args.processes),
-            soak_fit(ws, Path(scratch) / "fit", args.cycles, args.seed, args.processes),
-        ]
+        rows = [] if args.sharded else [soak_predict(ws, Path(scratch) / "predict", args.cycles, args.seed, args.processes)]
+        rows.append(soak_fit(ws, Path(scratch) / "fit", args.cycles, args.seed, args.processes, sharded=args.sharded))
     for row in rows:
         print(json.dumps(row))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"fault_soak_{args.processes}proc.json"
+    path = args.out / f"fault_soak_{args.processes}proc{'_fsdp' if args.sharded else ''}.json"
     path.write_text(json.dumps({"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
     print(f"wrote {path}")
     return 0

@@ -65,9 +65,20 @@ class EpochShuffle(DistributedSampler):
             yield index
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "drawn": self.drawn}
+        return {"epoch": self.epoch, "drawn": self.drawn, "num_replicas": self.num_replicas}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at the saved position. Raises ``ValueError`` if the checkpoint was written by
+        another number of processes: which items each process draws, and how many make a global
+        batch, depend on it, so that run cannot be continued exactly."""
+        saved = state.get("num_replicas", self.num_replicas)  # absent from checkpoints of older versions
+        if saved != self.num_replicas:
+            raise ValueError(
+                f"this checkpoint was written by a run of {saved} training processes; resume it on "
+                f"{saved} (--trainer.devices={saved} on one node): the batches each process draws depend "
+                f"on the number of processes. To continue on {self.num_replicas}, start a new run "
+                "from the exported weights (python -m lightning_sr.export)."
+            )
         self.epoch, self._resume_at = state["epoch"], state["drawn"]
         if self._resume_at >= self.num_samples:  # saved at the end of an epoch: the next one starts afresh
             self.epoch, self._resume_at = self.epoch + 1, 0

@@ -19,6 +19,7 @@ examples: every chosen response is desirable, every rejected response undesirabl
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Literal
 
 import torch
@@ -216,14 +217,16 @@ class PreferenceModule(LightningModule):
         margin = chosen - rejected
         accuracy = self.train_accuracy if stage == "train" else self.val_accuracy
         accuracy(margin > 0, torch.ones_like(margin, dtype=torch.long))
-        size = margin.shape[0]
-        self.log(f"{stage}/loss", out["loss"], prog_bar=True, batch_size=size)
-        self.log(f"{stage}/rewards_chosen", chosen.mean(), batch_size=size)
-        self.log(f"{stage}/rewards_rejected", rejected.mean(), batch_size=size)
-        self.log(f"{stage}/margin", margin.mean(), prog_bar=True, batch_size=size)
-        self.log(f"{stage}/accuracy", accuracy, batch_size=size)
+        # Values averaged over the processes (one small all-reduce each), so that the logged loss
+        # of a data-parallel or sharded run is that of its global batch.
+        log = partial(self.log, batch_size=margin.shape[0], sync_dist=True)
+        log(f"{stage}/loss", out["loss"], prog_bar=True)
+        log(f"{stage}/rewards_chosen", chosen.mean())
+        log(f"{stage}/rewards_rejected", rejected.mean())
+        log(f"{stage}/margin", margin.mean(), prog_bar=True)
+        log(f"{stage}/accuracy", accuracy)
         if "kl" in out:
-            self.log(f"{stage}/kl", out["kl"], batch_size=size)
+            log(f"{stage}/kl", out["kl"])
         return out["loss"]
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

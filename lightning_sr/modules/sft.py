@@ -103,10 +103,10 @@ class SFTModule(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, _ = self.compute_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, tokens = self.compute_loss(batch)
         # Weighted by the token count, the epoch value is the mean NLL over all validation tokens.
-        self.log("val/loss", loss, prog_bar=True, batch_size=int(tokens))
+        self.log("val/loss", loss, prog_bar=True, batch_size=int(tokens), sync_dist=True)
