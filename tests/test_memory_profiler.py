@@ -510,6 +510,9 @@ def fake_cuda(monkeypatch):
     return types.SimpleNamespace(allocator=allocator, nvml=nvml, calls=calls)
 
 
+MODULE = torch.nn.Linear(3, 2)  # what the fake trainer trains: 8 float32 parameters
+
+
 def fake_trainer(tmp_path, device="cuda", world_size=1, global_rank=0, stepped=7):
     logger = Recording()
     return types.SimpleNamespace(
@@ -523,6 +526,7 @@ def fake_trainer(tmp_path, device="cuda", world_size=1, global_rank=0, stepped=7
         global_rank=global_rank,
         world_size=world_size,
         sanity_checking=False,
+        optimizers=[],
         global_step=stepped,
         fit_loop=types.SimpleNamespace(
             epoch_loop=types.SimpleNamespace(_batches_that_stepped=stepped)
@@ -541,21 +545,21 @@ def test_cuda_path_arithmetic(tmp_path, fake_cuda):
     alloc.alloc(500)
     alloc.free(300)  # batch 0: peak 1500, ends at 1200
     alloc.num_ooms, alloc.retries = 1, 3
-    profiler.on_train_batch_end(trainer, None, None, None, 0)
+    profiler.on_train_batch_end(trainer, MODULE, None, None, 0)
 
     trainer.fit_loop.epoch_loop._batches_that_stepped = 8
     profiler.on_train_batch_start(trainer, None, None, 1)
     alloc.alloc(100)  # batch 1: peak since its start is 1300, not the earlier 1500
     fake_cuda.nvml.used = 9 * 2**30
-    profiler.on_train_batch_end(trainer, None, None, None, 1)
+    profiler.on_train_batch_end(trainer, MODULE, None, None, 1)
 
     fake_cuda.nvml.fail = True  # NVML errors are caught and the column goes empty
     profiler.on_train_batch_start(trainer, None, None, 2)
     with pytest.warns(UserWarning, match="NVML"):
-        profiler.on_train_batch_end(trainer, None, None, None, 2)
+        profiler.on_train_batch_end(trainer, MODULE, None, None, 2)
     fake_cuda.nvml.fail = False  # once dropped, NVML is not asked again in this stage
     profiler.on_train_batch_start(trainer, None, None, 3)
-    profiler.on_train_batch_end(trainer, None, None, None, 3)
+    profiler.on_train_batch_end(trainer, MODULE, None, None, 3)
     profiler.teardown(trainer, None, "fit")
 
     assert alloc.resets == [torch.device("cuda", 0)] * 4
@@ -579,7 +583,7 @@ def test_cuda_peak_is_reset_only_for_recorded_batches(tmp_path, fake_cuda):
     profiler.setup(trainer, None, "validate")
     for batch_idx in range(5):
         profiler.on_validation_batch_start(trainer, None, None, batch_idx, dataloader_idx=1)
-        profiler.on_validation_batch_end(trainer, None, None, None, batch_idx, dataloader_idx=1)
+        profiler.on_validation_batch_end(trainer, MODULE, None, None, batch_idx, dataloader_idx=1)
     profiler.teardown(trainer, None, "validate")
     assert fake_cuda.allocator.resets == [torch.device("cuda", 0)] * 3  # batches 0, 2 and 4
     rows = read_csv(tmp_path / "memory_validate.csv")
@@ -596,7 +600,7 @@ def test_cuda_generation_steps_record_allocated_memory(tmp_path, fake_cuda):
     for event in decoding_events(rows=4, steps=3, rejections={2: 2}):
         fake_cuda.allocator.alloc(event.kv_bytes)
         profiler.on_generation_step(trainer, None, event)
-    profiler.on_predict_batch_end(trainer, None, None, None, 0)
+    profiler.on_predict_batch_end(trainer, MODULE, None, None, 0)
     profiler.teardown(trainer, None, "predict")
     rows = read_csv(tmp_path / "memory_predict_generation.csv")
     assert [r["memory_kind"] for r in rows] == ["allocated_bytes"] * 3
@@ -613,7 +617,7 @@ def test_snapshot_recorded_at_stage_start_and_dumped_at_stage_end(tmp_path, fake
     profiler.setup(trainer, None, "fit")
     assert fake_cuda.calls == [("record", (), {"max_entries": 123})]
     profiler.on_train_batch_start(trainer, None, None, 0)
-    profiler.on_train_batch_end(trainer, None, None, None, 0)
+    profiler.on_train_batch_end(trainer, MODULE, None, None, 0)
     profiler.teardown(trainer, None, "fit")
     path = tmp_path / "memory_snapshot_fit.pickle"
     assert fake_cuda.calls[1:] == [("dump", str(path)), ("record", (), {"enabled": None})]
@@ -629,7 +633,7 @@ def test_snapshot_failure_warns_and_keeps_the_csv(tmp_path, fake_cuda, monkeypat
     profiler = GPUMemoryProfiler(plot=False, snapshot=True)
     profiler.setup(trainer, None, "fit")
     profiler.on_train_batch_start(trainer, None, None, 0)
-    profiler.on_train_batch_end(trainer, None, None, None, 0)
+    profiler.on_train_batch_end(trainer, MODULE, None, None, 0)
     with pytest.warns(UserWarning, match="could not write the allocator snapshot"):
         profiler.teardown(trainer, None, "fit")
     assert len(read_csv(tmp_path / "memory_fit.csv")) == 1
@@ -681,7 +685,7 @@ def test_each_rank_writes_its_own_files(tmp_path):
     profiler.setup(trainer, None, "predict")
     profiler.on_predict_batch_start(trainer, None, None, 0)
     profiler.on_generation_step(trainer, None, decoding_events(2, 1, {})[0])
-    profiler.on_predict_batch_end(trainer, None, None, None, 0)
+    profiler.on_predict_batch_end(trainer, MODULE, None, None, 0)
     profiler.teardown(trainer, None, "predict")
     assert sorted(p.name for p in tmp_path.glob("memory_*")) == [
         "memory_predict_generation_rank1.csv",
@@ -703,3 +707,21 @@ def test_rejects_bad_arguments():
         GPUMemoryProfiler(every_n_steps=0)
     with pytest.raises(ValueError, match="snapshot_max_entries"):
         GPUMemoryProfiler(snapshot_max_entries=0)
+
+
+def test_rows_count_the_parameter_and_optimizer_bytes_this_process_holds(tmp_path):
+    """The per-rank drop under sharding shows in these columns (a shard counts its local part)."""
+    trainer = fake_trainer(tmp_path, device="cpu")
+    optimizer = torch.optim.Adam(MODULE.parameters())
+    MODULE(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    trainer.optimizers = [optimizer]
+    profiler = GPUMemoryProfiler(dirpath=str(tmp_path))
+    profiler.setup(trainer, MODULE, "fit")
+    profiler.on_train_batch_start(trainer, MODULE, None, 0)
+    profiler.on_train_batch_end(trainer, MODULE, None, None, 0)
+    profiler.teardown(trainer, MODULE, "fit")
+    (row,) = read_csv(tmp_path / "memory_fit.csv")
+    assert int(row["parameter_bytes"]) == 8 * 4
+    # exp_avg and exp_avg_sq of both tensors, plus Adam's two 0-d step counters
+    assert int(row["optimizer_state_bytes"]) == 2 * 8 * 4 + 2 * 4

@@ -4,7 +4,8 @@ Real ``lightning-sr fit`` runs of the shipped sharded config on tiny random mode
 2 processes), against the same run in one process without sharding over the same global batch.
 Measured on the tiny model (6 DPO steps at lr 1e-2, fp32): one sharded process is bit-exact;
 two differ by at most 6e-8 in the loss and 8.4e-7 in a weight (AdamW's own two-process run:
-6e-8 and 4.6e-7), the floor of a gradient averaged over two processes in another order.
+6e-8 and 4.6e-7), the floor of a gradient averaged over two processes in another order. SFT
+(AdamW, lr 1e-2, decaying): 4.6e-5 on the weights, both runs AdamW.
 """
 
 import csv
@@ -60,10 +61,21 @@ def fit(soak, workspace, root: Path, processes: int, sharded: bool, batch_size: 
     return losses, model_state_dict(root / "ckpt" / "last.ckpt")
 
 
+def profiled(folder: Path) -> list[str]:
+    return ["--trainer.callbacks+=lightning_sr.callbacks.GPUMemoryProfiler", f"--trainer.callbacks.dirpath={folder}"]
+
+
+def held_bytes(path: Path) -> tuple[int, int]:
+    """(parameter bytes, optimizer state bytes) of the last training row of a memory CSV."""
+    row = [r for r in csv.DictReader(path.open()) if r["phase"] == "train"][-1]
+    return int(row["parameter_bytes"]), int(row["optimizer_state_bytes"])
+
+
 @pytest.fixture(scope="module")
 def one_process(soak, workspace, tmp_path_factory):
-    """The unsharded one-process run over the global batch of 4 pairs."""
-    return fit(soak, workspace, tmp_path_factory.mktemp("plain") / "run", 1, False, 4)
+    """The unsharded one-process run over the global batch of 4 pairs (memory profiled)."""
+    root = tmp_path_factory.mktemp("plain") / "run"
+    return fit(soak, workspace, root, 1, False, 4, *profiled(root / "memory")) + (held_bytes(root / "memory" / "memory_fit.csv"),)
 
 
 def assert_close_runs(run, reference, loss_tolerance, weight_tolerance):
@@ -76,14 +88,23 @@ def assert_close_runs(run, reference, loss_tolerance, weight_tolerance):
 
 @pytest.mark.slow
 def test_two_sharded_processes_train_like_one_process_over_the_same_global_batch(L, soak, workspace, one_process, tmp_path, monkeypatch):
+    """... and each rank's memory file shows it holds half the parameters and optimizer state."""
     monkeypatch.setenv(PACKAGE_ENV, L.name)
-    assert_close_runs(fit(soak, workspace, tmp_path / "run", 2, True, 2), one_process, LOSS_TOLERANCE, WEIGHT_TOLERANCE)
+    run = fit(soak, workspace, tmp_path / "run", 2, True, 2, *profiled(tmp_path / "memory"))
+    assert_close_runs(run, one_process[:2], LOSS_TOLERANCE, WEIGHT_TOLERANCE)
+    parameters, state = one_process[2]
+    for rank in (0, 1):
+        rank_parameters, rank_state = held_bytes(tmp_path / "memory" / f"memory_fit_rank{rank}.csv")
+        assert 0.4 * parameters < rank_parameters < 0.6 * parameters
+        # OnDARE's two moments shrink with the parameters (τ = 0 here: the base is the policy);
+        # its mask generators' states (5 KB a parameter) are the same on every rank.
+        assert state - rank_state == 2 * (parameters - rank_parameters)
 
 
 @pytest.mark.slow
 def test_one_sharded_process_is_bit_exact_and_exports_a_loadable_model(soak, workspace, one_process, tmp_path):
     run = fit(soak, workspace, tmp_path / "run", 1, True, 4)
-    assert_close_runs(run, one_process, 0.0, 0.0)
+    assert_close_runs(run, one_process[:2], 0.0, 0.0)
     assert (tmp_path / "run" / "ckpt" / "last.ckpt").is_dir()  # the sharded format: a folder of shards
     exported = export_model(tmp_path / "run" / "ckpt" / "last.ckpt", tmp_path / "model")
     from transformers import AutoModelForCausalLM
@@ -130,8 +151,10 @@ def test_sft_module_trains_sharded_like_one_process(soak, workspace, tmp_path):
         rows = csv.DictReader((root / "log" / "version_0" / "metrics.csv").open())
         return [float(r["train/loss"]) for r in rows if r.get("train/loss")], model_state_dict(root / "ckpt" / "last.ckpt")
 
+    # AdamW at lr 1e-2 with a decaying schedule: measured 4.6e-5 on the weights, from coordinates
+    # whose gradient is near 0, where m̂/√v̂ turns the last bits of the averaged gradient into a step.
     strategy = '--trainer.strategy={"class_path": "lightning_sr.FSDP2Strategy"}'
-    assert_close_runs(run("sharded", 2, 4, strategy), run("plain", 1, 8), LOSS_TOLERANCE, WEIGHT_TOLERANCE)
+    assert_close_runs(run("sharded", 2, 4, strategy), run("plain", 1, 8), LOSS_TOLERANCE, 2e-4)
 
 
 def test_decoder_layers_are_the_default_units_of_any_causal_lm():

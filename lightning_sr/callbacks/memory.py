@@ -13,6 +13,11 @@ On CUDA the sample is ``torch.cuda.memory_stats`` (allocated, reserved, peak all
 batch began, OOM and allocator-retry counts) plus NVML's device-wide used memory when
 ``pynvml`` (package ``nvidia-ml-py``) is importable. On any other device it is the process RSS
 and peak RSS, labelled as such.
+
+Every row also counts what this process holds of the model and the optimizers
+(``parameter_bytes``, ``optimizer_state_bytes``): under sharding (FSDP2) that is this rank's shard,
+so the per-rank files show how parameter and optimizer memory fall with the number of ranks,
+which process RSS (imports, allocator caches, gathered layers) hides.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ except ImportError:  # pragma: no cover - platform dependent
 _FLUSH_EVERY = 1000
 """Buffered rows per file before they are appended to disk (bounds memory on long runs)."""
 
-BATCH_KEYS = ("stage", "phase", "step", "batch_idx", "dataloader_idx", "elapsed_s", "device")
+BATCH_KEYS = ("stage", "phase", "step", "batch_idx", "dataloader_idx", "elapsed_s", "device",
+              "parameter_bytes", "optimizer_state_bytes")
 CUDA_METRICS = (
     "allocated_bytes",
     "reserved_bytes",
@@ -141,6 +147,19 @@ class _CpuSampler:
 
     def current(self) -> int:
         return int(self._process.memory_info().rss)
+
+
+def _held_bytes(pl_module: LightningModule, optimizers) -> dict[str, int]:
+    """Bytes of the module's parameters and of the optimizers' state tensors held by this
+    process (a sharded tensor counts its local shard)."""
+    from lightning_sr.optim.shards import local
+
+    def size(tensors) -> int:
+        unique = {id(t): local(t) for t in tensors if isinstance(t, torch.Tensor)}
+        return sum(t.numel() * t.element_size() for t in unique.values())
+
+    states = (v for opt in optimizers for state in opt.state.values() for v in state.values())
+    return {"parameter_bytes": size(pl_module.parameters()), "optimizer_state_bytes": size(states)}
 
 
 def _peak_rss_bytes(process: psutil.Process) -> int | None:
@@ -388,7 +407,7 @@ class GPUMemoryProfiler(Callback):
             self._sampler.begin_batch()
 
     def _batch_end(
-        self, trainer: Trainer, phase: str, batch_idx: int, dataloader_idx: int = 0
+        self, trainer: Trainer, pl_module: LightningModule, phase: str, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if not self._record_current or self._stage is None:
             return
@@ -403,6 +422,7 @@ class GPUMemoryProfiler(Callback):
             "dataloader_idx": dataloader_idx,
             "elapsed_s": round(time.perf_counter() - self._t0, 6),
             "device": self._sampler.label,
+            **_held_bytes(pl_module, trainer.optimizers),
             **metrics,
         }
         self._batches.add(row)
@@ -423,7 +443,7 @@ class GPUMemoryProfiler(Callback):
         self._batch_start(trainer, "train", batch_idx)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._batch_end(trainer, "train", batch_idx)
+        self._batch_end(trainer, pl_module, "train", batch_idx)
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self._batch_start(trainer, "validation", batch_idx)
@@ -431,19 +451,19 @@ class GPUMemoryProfiler(Callback):
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ):
-        self._batch_end(trainer, "validation", batch_idx, dataloader_idx)
+        self._batch_end(trainer, pl_module, "validation", batch_idx, dataloader_idx)
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self._batch_start(trainer, "test", batch_idx)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._batch_end(trainer, "test", batch_idx, dataloader_idx)
+        self._batch_end(trainer, pl_module, "test", batch_idx, dataloader_idx)
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self._batch_start(trainer, "predict", batch_idx)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._batch_end(trainer, "predict", batch_idx, dataloader_idx)
+        self._batch_end(trainer, pl_module, "predict", batch_idx, dataloader_idx)
 
     # ---------------------------------------------------------------- generation view
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from lightning_sr.lightning_packages import Callback
 from lightning_sr.loading import load_tokenizer, load_weights
+from lightning_sr.optim.shards import is_sharded
 from lightning_sr.merging import METHODS, merge_state_dicts
 
 if TYPE_CHECKING:
@@ -82,6 +83,12 @@ class OfflineMerge(Callback):
             raise TypeError(
                 "OfflineMerge needs a module with `policy` and `reference` models, "
                 f"got {type(pl_module).__name__}"
+            )
+        if any(is_sharded(p) for p in policy.parameters()):
+            raise RuntimeError(
+                "OfflineMerge needs whole models, not FSDP2 shards: export the run's checkpoint "
+                "(python -m lightning_sr.export) and merge the exported weights with "
+                "lightning_sr.merging.merge_state_dicts"
             )
         policy_state = {k: v.cpu() for k, v in policy.state_dict().items()}
         reference_state = {k: v.cpu() for k, v in reference.state_dict().items()}
