@@ -181,6 +181,8 @@ def quiet_lightning() -> None:
     # a resumed predict with nothing left: our data module already said so in words
     warnings.filterwarnings("ignore", message="Total length of `DataLoader` across ranks is zero", category=UserWarning)
     warnings.filterwarnings("ignore", category=Warning, module="jsonargparse")
+    # torch's distributed checkpoint replacing last.ckpt of a sharded run, which is what we ask of it
+    warnings.filterwarnings("ignore", message="Detected an existing checkpoint in", category=UserWarning)
 
 
 def drop_tips(record: logging.LogRecord) -> bool:

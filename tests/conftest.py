@@ -1,4 +1,5 @@
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -40,6 +41,22 @@ def L(request, monkeypatch):
     """Run the test once with ``lightning.pytorch`` and once with ``pytorch_lightning``."""
     monkeypatch.setenv(PACKAGE_ENV, request.param)
     return LightningPackage(request.param)
+
+
+@pytest.fixture(scope="session")
+def soak():
+    """``benchmarks/fault_soak.py`` as a module: real ``lightning-sr`` runs, killed and resumed."""
+    spec = importlib.util.spec_from_file_location("fault_soak", Path(__file__).parents[1] / "benchmarks" / "fault_soak.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fault_soak"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def workspace(soak, tmp_path_factory):
+    """Tiny generator and reward folders, a prompt file and a preference file, for CLI runs."""
+    return soak.make_workspace(tmp_path_factory.mktemp("workspace"))
 
 
 @pytest.fixture

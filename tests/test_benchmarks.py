@@ -133,3 +133,20 @@ def test_speedup_interpolates_the_bon_curve_log_linearly(sr_vs_bon):
     # A noisy dip of the curve does not make a lower score look more expensive.
     dipped = [(2, 100.0, 1.0, 10), (4, 95.0, 2.0, 20), (8, 130.0, 8.0, 40)]
     assert sr_vs_bon.interpolate_bon(100.0, dipped)[1] == 1.0
+
+
+@pytest.mark.slow
+def test_sharded_step_tiny_counts_tau_bytes_and_communication(tmp_path):
+    import subprocess
+
+    command = [sys.executable, str(BENCHMARKS / "sharded_step.py"), "--preset", "tiny", "--processes", "1", "2",
+               "--steps", "1", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    rows = {(int(r["processes"]), r["optimizer"]): r for r in read_csv(tmp_path / "sharded_step_tiny.csv")}
+    assert json.loads((tmp_path / "sharded_step_tiny.json").read_text())["rows"]
+    for name in ("OnDARE", "OnTIES"):  # the same τ̃ in all, split over the ranks
+        assert int(rows[1, name]["tau_bytes_total"]) == int(rows[2, name]["tau_bytes_total"]) > 0
+        assert int(rows[2, name]["tau_bytes_max_rank"]) < int(rows[1, name]["tau_bytes_max_rank"])
+    assert int(rows[2, "OnDARE"]["sent_bytes_per_step"]) == 0  # masks from one stream: nothing to send
+    assert int(rows[2, "OnTIES"]["sent_bytes_per_step"]) > 0 == int(rows[1, "OnTIES"]["sent_bytes_per_step"])
+    assert int(rows[2, "AdamW"]["tau_bytes_total"]) == 0

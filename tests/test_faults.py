@@ -6,9 +6,7 @@ kill cycles at length (figures in benchmarks/RESULTS.md).
 """
 
 import errno
-import importlib.util
 import json
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -26,21 +24,6 @@ from lightning_sr.modules.preference import PreferenceModule
 from lightning_sr.optim import OnDARE
 from lightning_sr.rewards import FunctionReward
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def soak():
-    spec = importlib.util.spec_from_file_location("fault_soak", ROOT / "benchmarks" / "fault_soak.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fault_soak"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def workspace(soak, tmp_path_factory):
-    return soak.make_workspace(tmp_path_factory.mktemp("workspace"))
 
 
 @pytest.mark.slow

@@ -9,9 +9,7 @@ two differ by at most 6e-8 in the loss and 8.4e-7 in a weight (AdamW's own two-p
 """
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,20 +26,6 @@ from lightning_sr.sharding import check_strategy, shard_units
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 LOSS_TOLERANCE, WEIGHT_TOLERANCE = 1e-6, 1e-5  # ~10x the measured two-process differences
-
-
-@pytest.fixture(scope="module")
-def soak():
-    spec = importlib.util.spec_from_file_location("fault_soak", ROOT / "benchmarks" / "fault_soak.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fault_soak"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def workspace(soak, tmp_path_factory):
-    return soak.make_workspace(tmp_path_factory.mktemp("workspace"))
 
 
 def fit(soak, workspace, root: Path, processes: int, sharded: bool, batch_size: int, *extra: str, check=True):

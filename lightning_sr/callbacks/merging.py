@@ -18,16 +18,17 @@ its checkpoint, not by calling ``fit`` again on the trained module.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lightning_sr.lightning_packages import Callback
 from lightning_sr.loading import load_weights
 from lightning_sr.optim.online_merging import OnlineMergingOptimizer
+from lightning_sr.sharding import check_strategy
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
@@ -67,6 +68,11 @@ class OnlineMerging(Callback):
         self.load_kwargs = dict(load_kwargs or {})
         self.reports: list = []
 
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        check_strategy(trainer, type(self).__name__)
+
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         optimizers = [o for o in trainer.optimizers if isinstance(o, OnlineMergingOptimizer)]
         if not optimizers:

@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 from torchmetrics.classification import BinaryAccuracy
 
 from lightning_sr.lightning_packages import LightningModule, LRSchedulerCallable, OptimizerCallable
@@ -110,6 +111,7 @@ class PreferenceModule(LightningModule):
         path = getattr(self._specs["policy"], "name_or_path", None)
         return path or None
 
+    @override
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer, type(self).__name__)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_sr.lightning_packages import LightningModule, LRSchedulerCallable, OptimizerCallable
 from lightning_sr.loading import load_causal_lm
@@ -79,6 +80,7 @@ class SFTModule(LightningModule):
             return self._spec
         return getattr(self._spec, "name_or_path", None) or None
 
+    @override
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer, type(self).__name__)
 

@@ -39,6 +39,11 @@ How it runs (see the README):
 - Half-precision parameters get fp32 master weights and fp32 moments in the state (α·τ̃ per step
   is far below bf16 resolution); the master copy is authoritative, so load new weights before
   the first step.
+- FSDP2 (``DTensor``) parameters: each rank keeps the state of its shard only (τ̃ included) and
+  makes every mask draw and top-k selection over the whole parameter (:mod:`.shards`,
+  :mod:`.sparsify`), so one process and any number of shards end with the same weights;
+  :meth:`state_dict` gives the sharded state as ``DTensor`` s, which torch's distributed
+  checkpoint saves per rank and reshards on load.
 
 Deliberate differences from the authors' code (QwenLM/online_merging_optimizers):
 
@@ -64,6 +69,7 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain
 
 import torch
@@ -75,10 +81,11 @@ from lightning_sr.optim.sparsify import (
     MIN_KEEP_RATE,
     index_dtype,
     kept_count,
+    TopK,
     magnitude_indices,
     shard_bernoulli_indices,
     shard_bernoulli_mask,
-    top_indices,
+    top_indices_of,
 )
 
 __all__ = ["OnDARE", "OnTIES", "OnlineMergingOptimizer", "BaseMatch", "align_names"]
@@ -255,11 +262,12 @@ class OnlineMergingOptimizer(Optimizer):
         super().__init__(params, hyperparameters)
         self._generators: dict[torch.device, torch.Generator] = {}
         self._shards: dict[int, FlatShard] = {}
+        self._planned: dict[int, torch.Tensor] = {}  # this step's kept indices of Δ, by state (OnTIES)
         self._create_sharded_state()
 
     def __setstate__(self, state: dict) -> None:  # copy / pickle keep only torch's own fields
         super().__setstate__(state)
-        self._generators, self._shards = {}, {}
+        self._generators, self._shards, self._planned = {}, {}, {}
 
     def add_param_group(self, param_group: dict) -> None:
         _check_hyperparameters(type(self).__name__, {**self.defaults, **param_group})
@@ -544,17 +552,19 @@ class OnlineMergingOptimizer(Optimizer):
             torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
             if group["weight_decay"] != 0:
                 torch._foreach_mul_(weights, 1 - group["lr"] * group["weight_decay"])
+            self._plan(params, states, group)
             for param, weight, state in zip(params, weights, states):
                 self._update(param, weight, state, group)
         return loss
 
+    def _plan(self, params: list, states: list, group: dict) -> None:
+        """Work for the whole group before the per-parameter updates (moments already updated)."""
+
     def _update(self, param: torch.Tensor, weight: torch.Tensor, state: dict, group: dict) -> None:
         """Apply Δ (moments and decay already updated): plain, accumulated, or merged."""
-        beta1, beta2 = group["betas"]
         state["step"] += 1
         t = state["step"]
-        bias_correction2_sqrt = math.sqrt(1 - beta2**t)
-        adam = _AdamDelta(state, group["lr"] / (1 - beta1**t), bias_correction2_sqrt, group["eps"])
+        adam = _AdamDelta.of(state, group)
         if state.get("plain"):
             weight.add_(adam.dense())
         elif t % group["merge_every"] != 0:
@@ -590,6 +600,12 @@ class _AdamDelta:
         self.exp_avg, self.exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         self.step_size, self.bc2_sqrt, self.eps = step_size, bias_correction2_sqrt, eps
 
+    @classmethod
+    def of(cls, state: dict, group: dict, step: int | None = None) -> _AdamDelta:
+        """Δ of the parameter at ``step`` (default: its state's) with the group's bias correction."""
+        (beta1, beta2), t = group["betas"], state["step"] if step is None else step
+        return cls(state, group["lr"] / (1 - beta1**t), math.sqrt(1 - beta2**t), group["eps"])
+
     def magnitude(self, part: slice) -> torch.Tensor:
         """``|Δ| / step_size = |m| / (√v̂ + eps)`` at ``part`` of the flat parameter: ranks like
         |Δ| at one pass less than ``dense``."""
@@ -600,10 +616,20 @@ class _AdamDelta:
         denom = self.exp_avg_sq.sqrt().div_(self.bc2_sqrt).add_(self.eps)
         return torch.div(self.exp_avg, denom, out=denom).mul_(-self.step_size)
 
+    def dense_at(self, part: slice) -> torch.Tensor:
+        """``dense()`` at ``part`` of the flat parameter (a new tensor, the same values)."""
+        denom = self.exp_avg_sq.view(-1)[part].sqrt().div_(self.bc2_sqrt).add_(self.eps)
+        return torch.div(self.exp_avg.view(-1)[part], denom, out=denom).mul_(-self.step_size)
+
     def at(self, idx: torch.Tensor) -> torch.Tensor:
         m = self.exp_avg.view(-1)[idx]
         denom = self.exp_avg_sq.view(-1)[idx].sqrt_().div_(self.bc2_sqrt).add_(self.eps)
         return m.div_(denom).mul_(-self.step_size)
+
+
+def _accumulated_magnitude(adam: _AdamDelta, accumulated: torch.Tensor, part: slice) -> torch.Tensor:
+    """``|Δ + accumulated|`` at ``part`` of the flat parameter (step-K's merge-step delta)."""
+    return adam.dense_at(part).add_(accumulated[part]).abs_()
 
 
 class OnDARE(OnlineMergingOptimizer):
@@ -752,18 +778,37 @@ class OnTIES(OnlineMergingOptimizer):
             return torch.arange(tau.numel(), device=tau.device), tau.clone()
         return idx, tau[idx]
 
+    def _plan(self, params, states, group):
+        """Choose the kept coordinates of Δ of every parameter that merges this step, all at
+        once (:func:`~lightning_sr.optim.sparsify.top_indices_of`: the sharded ones share one
+        set of collectives per step instead of one per parameter). Only the kept coordinates of
+        Δ are needed: the ranking is by |Δ| (without step-K, by ``|m| / (√v̂ + eps)``, which ranks
+        alike), and Δ is computed there afterwards."""
+        selections, owners = [], []
+        for param, state in zip(params, states):
+            t, shard = state["step"] + 1, self._shard(param)
+            k = kept_count(shard.numel, group["keep_rate"])
+            if state.get("plain") or t % group["merge_every"] != 0 or k is None:
+                continue
+            adam, accumulated = _AdamDelta.of(state, group, t), state.get("accumulated")
+            if accumulated is None:
+                magnitude = adam.magnitude
+            else:  # |Δ + the accumulated deltas|, as _merge computes it
+                magnitude = partial(_accumulated_magnitude, adam, accumulated.view(-1))
+            part = local(param)
+            selections.append(TopK(magnitude, part.numel(), k, part.device, shard))
+            owners.append(id(state))
+        self._planned = dict(zip(owners, top_indices_of(selections)))
+
     def _merge(self, flat, adam, accumulated, state, group, shard):
-        alpha, keep_rate = group["merge_weight"], group["keep_rate"]
-        k = kept_count(shard.numel, keep_rate)
-        if accumulated is None and k is not None:
-            # Only the kept coordinates of Δ are needed: rank by |Δ|, then compute Δ there.
-            top = top_indices(adam.magnitude, flat.numel(), k, flat.device, shard)
+        alpha = group["merge_weight"]
+        top = self._planned.pop(id(state), None)  # None: nothing is dropped from Δ
+        if accumulated is None and top is not None:
             delta, values = None, adam.at(top)
         else:
             delta = adam.dense().view(-1)
             if accumulated is not None:
                 delta.add_(accumulated.view(-1))
-            top = magnitude_indices(delta, keep_rate, shard)
             values = None if top is None else delta[top]
         tau_idx = state["tau_idx"].long() if "tau_idx" in state else None
         tau_val = state.get("tau_val")

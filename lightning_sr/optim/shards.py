@@ -54,14 +54,13 @@ class FlatShard:
             dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=self.group)
         return tensor
 
-    def count_before(self, count: int, device: torch.device) -> int:
-        """The sum of ``count`` over the shards that come before this one in the flat index order."""
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """``tensor`` of every rank of the shards' group (just this one without a group)."""
         if self.group is None:
-            return 0
-        mine = torch.tensor([self.start, count], dtype=torch.long, device=device)
-        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(gathered, mine, group=self.group)
-        return sum(int(c) for s, c in (g.tolist() for g in gathered) if s < self.start)
+            return [tensor]
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(gathered, tensor, group=self.group)
+        return gathered
 
 
 def flat_shard(param: torch.Tensor) -> FlatShard:
@@ -84,7 +83,7 @@ def flat_shard(param: torch.Tensor) -> FlatShard:
             "merging optimizers support FSDP2 layouts only (Shard(0) over one mesh dimension, "
             "Replicate over the others)"
         )
-    if not sharded:
+    if not sharded or param.device_mesh.size(sharded[0]) == 1:  # one shard: the whole parameter
         return FlatShard(param.numel())
     _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
     row = prod(param.shape[1:])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,8 @@ __all__ = [
     "index_dtype",
     "shard_bernoulli_indices",
     "shard_bernoulli_mask",
+    "TopK",
+    "top_indices_of",
 ]
 
 # The smallest keep rate the samplers handle exactly. A geometric gap is at most about 37/p (the
@@ -153,6 +156,19 @@ _SAMPLE = 32768  # elements in the strided sample that sets the candidate thresh
 _CHUNK = 1 << 18  # elements per chunk of the candidate pass: its temporaries stay in the cache
 
 
+@dataclass
+class TopK:
+    """One top-k selection: the ``k`` largest magnitudes of a parameter (``k`` counted over the
+    whole parameter), whose local elements ``magnitude_at(part)`` gives for a slice ``part`` of
+    the ``numel`` local flat indices, placed in the whole parameter by ``shard``."""
+
+    magnitude_at: Callable[[slice], torch.Tensor]
+    numel: int
+    k: int
+    device: torch.device
+    shard: FlatShard
+
+
 def top_indices(
     magnitude_at: Callable[[slice], torch.Tensor],
     numel: int,
@@ -160,85 +176,133 @@ def top_indices(
     device: torch.device,
     shard: FlatShard | None = None,
 ) -> torch.Tensor:
-    """Sorted local indices of the ``k`` largest non-negative magnitudes of a parameter.
+    """Sorted local indices of the ``k`` largest non-negative magnitudes of a parameter: one
+    :class:`TopK` through :func:`top_indices_of` (see there)."""
+    return top_indices_of([TopK(magnitude_at, numel, k, device, shard or FlatShard(numel))])[0]
 
-    ``magnitude_at(part)`` returns the magnitudes at ``part``, a slice of the ``numel`` local
-    flat indices: computing them where they are needed lets the CPU path fuse their computation
-    with the selection, chunk by chunk, instead of writing and re-reading a dense tensor.
-    ``shard`` places the local elements in the whole parameter (default: they are all of it);
-    ``k`` counts over the whole parameter. Exact; ties at the k-th magnitude keep the lowest
-    global indices.
 
-    For large n and small k (the usual keep rates) it is much faster than ``topk`` on the CPU
-    (``topk`` of 1% of 25M elements costs ~10 element-wise passes): a strided sample's quantile
-    gives a threshold that about 2k entries exceed (the lowest of the ranks' thresholds), one pass
-    over chunks computes the magnitudes and collects those candidates (in index order), and the
-    exact k-th magnitude among the candidates is found by :func:`_radix_select`. If the sample
-    misjudged the threshold (fewer than k candidates over all ranks), the select runs on
-    everything. An unsharded tensor on an accelerator takes ``torch.topk`` of the dense
-    magnitudes instead (k is known on the host, so nothing waits for the device; ties in an
-    implementation-defined order).
+def top_indices_of(selections: list[TopK]) -> list[torch.Tensor]:
+    """Sorted local indices of each selection's top-k. Exact; ties at the k-th magnitude keep
+    the lowest global indices.
+
+    Computing the magnitudes where they are needed (``magnitude_at``) lets the CPU path fuse
+    their computation with the selection, chunk by chunk, instead of writing and re-reading a
+    dense tensor. For large n and small k (the usual keep rates) it is much faster than ``topk``
+    on the CPU (``topk`` of 1% of 25M elements costs ~10 element-wise passes): a strided sample's
+    quantile gives a threshold that about 2k entries exceed (the lowest of the ranks'
+    thresholds), one pass over chunks computes the magnitudes and collects those candidates (in
+    index order), and the exact k-th magnitude among the candidates is found by
+    :func:`_radix_select`. If the sample misjudged the threshold (fewer than k candidates over all
+    ranks), the select runs on everything.
+
+    The selections of sharded parameters run together: each collective carries one entry (or
+    one histogram) per selection, so a step of the whole model costs a handful of collectives,
+    not a handful per parameter. An unsharded tensor on an accelerator takes ``torch.topk`` of
+    the dense magnitudes instead (k is known on the host, so nothing waits for the device; ties
+    in an implementation-defined order).
     """
-    shard = shard or FlatShard(numel)
-    if device.type != "cpu" and shard.group is None:
-        return torch.topk(magnitude_at(slice(None)), k, sorted=False).indices.sort().values
-    if shard.numel >= 8 * _SAMPLE and 16 * k <= shard.numel:  # the same branch on every rank
-        candidates, values = _candidates(magnitude_at, numel, k, device, shard)
-        count = shard.all_reduce(torch.tensor([candidates.numel()], device=device))
-        if int(count) >= k:
-            return candidates[_radix_select(values, k, shard)]
-    return _radix_select(magnitude_at(slice(None)), k, shard)
+    results: list[torch.Tensor | None] = [None] * len(selections)
+    together: dict[int, list[int]] = {}  # by process group: one set of collectives each
+    for i, selection in enumerate(selections):
+        if selection.device.type != "cpu" and selection.shard.group is None:
+            magnitudes = selection.magnitude_at(slice(None))
+            results[i] = torch.topk(magnitudes, selection.k, sorted=False).indices.sort().values
+        else:
+            together.setdefault(id(selection.shard.group), []).append(i)
+    for members in together.values():
+        for i, indices in zip(members, _select_together([selections[i] for i in members])):
+            results[i] = indices
+    return results
 
 
-def _candidates(magnitude_at, numel: int, k: int, device: torch.device, shard: FlatShard):
-    """Indices (in order) and magnitudes of the local entries at or above a sampled threshold
-    that about 2k entries of the whole parameter exceed."""
-    threshold = torch.tensor([math.inf], device=device)
-    if numel:
-        sample = magnitude_at(slice(0, numel, max(1, numel // _SAMPLE)))
-        rank = max(1, int(sample.numel() * (1 - 2 * k / shard.numel)))
-        threshold[0] = torch.kthvalue(sample, rank).values
-    threshold = shard.all_reduce(threshold, dist.ReduceOp.MIN)
+def _select_together(selections: list[TopK]) -> list[torch.Tensor]:
+    """:func:`top_indices_of` for selections on one process group (or none)."""
+    shard, device = selections[0].shard, selections[0].device  # the group's collectives
+    candidates: list[torch.Tensor | None] = [None] * len(selections)
+    values: list[torch.Tensor | None] = [None] * len(selections)
+    sampled = [i for i, s in enumerate(selections) if s.shard.numel >= 8 * _SAMPLE and 16 * s.k <= s.shard.numel]
+    if sampled:  # the same on every rank: decided on the whole parameters' sizes
+        thresholds = torch.tensor([_sampled_threshold(selections[i]) for i in sampled], device=device)
+        shard.all_reduce(thresholds, dist.ReduceOp.MIN)
+        found = [_candidates(selections[i], threshold) for i, threshold in zip(sampled, thresholds)]
+        counts = shard.all_reduce(torch.tensor([c.numel() for c, _ in found], device=device))
+        for i, (indices, magnitudes), count in zip(sampled, found, counts.tolist()):
+            if count >= selections[i].k:
+                candidates[i], values[i] = indices, magnitudes
+    for i, selection in enumerate(selections):
+        if values[i] is None:
+            values[i] = selection.magnitude_at(slice(None))
+    chosen = _radix_select(values, [s.k for s in selections], [s.shard.start for s in selections], shard)
+    return [positions if c is None else c[positions] for c, positions in zip(candidates, chosen)]
+
+
+def _sampled_threshold(selection: TopK) -> float:
+    """A magnitude that about 2k of the whole parameter's exceed, from a strided local sample
+    (+inf for an empty shard)."""
+    if not selection.numel:
+        return math.inf
+    sample = selection.magnitude_at(slice(0, selection.numel, max(1, selection.numel // _SAMPLE)))
+    rank = max(1, int(sample.numel() * (1 - 2 * selection.k / selection.shard.numel)))
+    return float(torch.kthvalue(sample, rank).values)
+
+
+def _candidates(selection: TopK, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (in order) and magnitudes of the local entries at or above ``threshold``."""
     indices, values = [], []
-    for start in range(0, numel, _CHUNK):
-        part = magnitude_at(slice(start, start + _CHUNK))
+    for start in range(0, selection.numel, _CHUNK):
+        part = selection.magnitude_at(slice(start, start + _CHUNK))
         hits = (part >= threshold).nonzero().squeeze(1)
         values.append(part[hits])
         indices.append(hits.add_(start))
     if not indices:
-        return torch.empty(0, dtype=torch.long, device=device), torch.empty(0, device=device)
+        return torch.empty(0, dtype=torch.long, device=selection.device), torch.empty(0, device=selection.device)
     return torch.cat(indices), torch.cat(values)
 
 
 _BITS_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _radix_select(values: torch.Tensor, k: int, shard: FlatShard) -> torch.Tensor:
-    """Sorted positions in ``values`` (this rank's magnitudes, in global index order) of the
-    ``k`` largest magnitudes over all shards; ties at the k-th value keep the lowest global index.
+def _radix_select(values: list[torch.Tensor], ks: list[int], starts: list[int], shard: FlatShard) -> list[torch.Tensor]:
+    """For each selection, the sorted positions in ``values[i]`` (this rank's magnitudes, in
+    global index order; this rank's first one at global index ``starts[i]``) of the ``ks[i]``
+    largest magnitudes over all shards; ties at the k-th value keep the lowest global index.
 
     The bit pattern of a non-negative float orders like its value, so the k-th largest value is
     found a byte at a time from the top: count the candidates' next byte over all ranks (a
     histogram of 256), take the byte where the count from the top reaches k, keep everything
-    above it and go on with the candidates that share it.
+    above it and go on with the candidates that share it. Every round all-reduces the histograms
+    of all selections at once.
     """
-    bits = values.contiguous().view(_BITS_VIEW[values.element_size()])
-    positions = torch.arange(values.numel(), device=values.device)
-    kept, remaining = [], k
-    for shift in range(8 * values.element_size() - 8, -1, -8):
-        digit = ((bits >> shift) & 0xFF).long()
-        histogram = shard.all_reduce(torch.bincount(digit, minlength=256))
-        from_top = histogram.flip(0).cumsum(0)  # from_top[j]: candidates with a byte >= 255 - j
-        j = int((from_top >= remaining).nonzero()[0])
-        byte = 255 - j
-        above = digit > byte
-        kept.append(positions[above])
-        remaining -= int(from_top[j] - histogram[byte])
-        same = digit == byte
-        positions, bits = positions[same], bits[same]
-        if remaining == 0:
+    count = len(values)
+    bits = [v.contiguous().view(_BITS_VIEW[v.element_size()]) for v in values]
+    positions = [torch.arange(v.numel(), device=v.device) for v in values]
+    kept: list[list[torch.Tensor]] = [[] for _ in range(count)]
+    remaining = list(ks)
+    for round_ in range(max(v.element_size() for v in values)):
+        shifts = [8 * (v.element_size() - 1 - round_) for v in values]
+        active = [i for i in range(count) if remaining[i] > 0 and shifts[i] >= 0]  # the same on every rank
+        if not active:
             break
-    if remaining > 0:  # equal magnitudes at the k-th value: the lowest global indices first
-        before = shard.count_before(positions.numel(), values.device)
-        kept.append(positions[: max(0, min(positions.numel(), remaining - before))])
-    return torch.cat(kept).sort().values
+        digits = {i: ((bits[i] >> shifts[i]) & 0xFF).long() for i in active}
+        histograms = torch.zeros(count, 256, dtype=torch.long, device=values[0].device)
+        for i in active:
+            histograms[i] = torch.bincount(digits[i], minlength=256)
+        shard.all_reduce(histograms)
+        from_top = histograms.flip(1).cumsum(1)  # from_top[i, j]: candidates with a byte >= 255 - j
+        reached = (from_top >= torch.tensor(remaining, device=from_top.device).unsqueeze(1)).long().argmax(1).tolist()
+        above_counts = (from_top.gather(1, torch.tensor(reached, device=from_top.device).unsqueeze(1)).squeeze(1)
+                        - histograms.gather(1, (255 - torch.tensor(reached, device=from_top.device)).unsqueeze(1)).squeeze(1)).tolist()
+        for i in active:
+            byte = 255 - reached[i]
+            kept[i].append(positions[i][digits[i] > byte])
+            remaining[i] -= above_counts[i]
+            same = digits[i] == byte
+            positions[i], bits[i] = positions[i][same], bits[i][same]
+    tied = [i for i in range(count) if remaining[i] > 0]  # equal magnitudes at the k-th value
+    if tied:
+        mine = torch.tensor([[starts[i], positions[i].numel()] for i in tied], device=values[0].device)
+        gathered = shard.all_gather(mine)
+        for row, i in enumerate(tied):
+            before = sum(int(g[row, 1]) for g in gathered if int(g[row, 0]) < starts[i])
+            kept[i].append(positions[i][: max(0, min(positions[i].numel(), remaining[i] - before))])
+    return [torch.cat(parts).sort().values for parts in kept]
