@@ -2,7 +2,7 @@
 
 A random Llama is sharded with ``fully_shard`` (one unit per decoder layer) over 1, 2 and 4 CPU
 processes (gloo, one thread each); every optimizer holds the same sharded parameters with the
-same random gradients (each rank its shard of the whole gradient, as in the tests), and only
+same random gradients, new each step (each rank its shard of the whole gradient), and only
 ``optimizer.step()`` is timed: no forward or backward pass, whose cost FSDP2 sets and AdamW
 shares. ``torch.optim.AdamW(foreach=True)`` on the same DTensor parameters is the baseline.
 
@@ -93,11 +93,13 @@ def _worker(rank: int, processes: int, preset: str, steps: int, out: str) -> Non
     shard_model(model, init_device_mesh("cpu", (processes,)))
     params = list(model.parameters())
     generator = torch.Generator().manual_seed(1)
-    for p in params:  # the shard of one whole random gradient per parameter
-        shard = flat_shard(p)
-        whole = torch.randn(p.numel(), generator=generator)
-        part = whole[shard.start : shard.start + local(p).numel()].view(local(p).shape)
-        p.grad = DTensor.from_local(part, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+
+    def new_gradients():  # each rank's shard of one whole random gradient per parameter
+        for p in params:
+            shard = flat_shard(p)
+            whole = torch.randn(p.numel(), generator=generator)
+            part = whole[shard.start : shard.start + local(p).numel()].view(local(p).shape)
+            p.grad = DTensor.from_local(part, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
     optimizers = {}
     for name, (module, cls, kwargs) in OPTIMIZERS.items():
         opt = getattr(importlib.import_module(module), cls)(params, **kwargs)
@@ -108,6 +110,7 @@ def _worker(rank: int, processes: int, preset: str, steps: int, out: str) -> Non
     times = {name: [] for name in optimizers}
     sent = {name: (0, 0) for name in optimizers}
     for round_ in range(steps + 1):
+        new_gradients()  # fresh each round (a constant gradient ties every |m̂|/√v̂ at 1)
         for name, opt in optimizers.items():
             counter.calls = counter.bytes = 0
             dist.barrier()

@@ -23,8 +23,8 @@ Every selection is made in the *global* flat index space of a parameter that may
   candidate threshold (two small all-reduces), then find the exact k-th largest magnitude by a
   radix select over the candidates' float bits, 8 bits a round (four all-reduces of 256 counts
   for float32), and break ties at the k-th value by the lowest global index (one all-gather of
-  two numbers). One process runs the same select without the collectives, so one process and
-  any number of shards keep the same set, ties included.
+  two numbers). One process keeps the same set by ``kthvalue`` (the same rule, ties included),
+  so one process and any number of shards agree.
 """
 
 from __future__ import annotations
@@ -232,8 +232,20 @@ def _select_together(selections: list[TopK]) -> list[torch.Tensor]:
     for i, selection in enumerate(selections):
         if values[i] is None:
             values[i] = selection.magnitude_at(slice(None))
-    chosen = _radix_select(values, [s.k for s in selections], [s.shard.start for s in selections], shard)
+    if shard.group is None:  # the whole tensors are here: the k-th value directly
+        chosen = [_local_select(v, s.k) for v, s in zip(values, selections)]
+    else:
+        chosen = _radix_select(values, [s.k for s in selections], [s.shard.start for s in selections], shard)
     return [positions if c is None else c[positions] for c, positions in zip(candidates, chosen)]
+
+
+def _local_select(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted positions of the ``k`` largest ``values``, ties at the k-th value kept lowest
+    position first: what :func:`_radix_select` keeps with one shard, by ``kthvalue``."""
+    kth = torch.kthvalue(values, values.numel() - k + 1).values
+    above = (values > kth).nonzero().squeeze(1)
+    tied = (values == kth).nonzero().squeeze(1)[: k - above.numel()]
+    return torch.cat([above, tied]).sort().values
 
 
 def _sampled_threshold(selection: TopK) -> float:
