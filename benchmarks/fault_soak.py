@@ -98,7 +98,9 @@ def predict_command(ws: dict, output: Path, processes: int = 1) -> list[str]:
     ]
 
 
-def fit_command(ws: dict, root: Path, max_steps: int, processes: int = 1, sharded: bool = False) -> list[str]:
+def fit_command(
+    ws: dict, root: Path, max_steps: int, processes: int = 1, sharded: bool = False, extra: tuple[str, ...] = ()
+) -> list[str]:
     config = "fit_dpo_ondare_fsdp.yaml" if sharded else "fit_dpo_ondare.yaml"
     command = [
         "fit", f"--config={ROOT / 'configs' / config}",
@@ -108,14 +110,17 @@ def fit_command(ws: dict, root: Path, max_steps: int, processes: int = 1, sharde
         "--data.batch_size=2", f"--trainer.max_steps={max_steps}", "--trainer.max_epochs=100",
         "--trainer.callbacks.every_n_train_steps=2", f"--trainer.callbacks.dirpath={root / 'ckpt'}",
         "--trainer.callbacks+=fault_soak.SlowDown", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-        "--trainer.limit_val_batches=0", *_devices(processes, sharded),
+        "--trainer.limit_val_batches=0", *_devices(processes, sharded), *extra,
     ]
     last = root / "ckpt" / "last.ckpt"
     return command + ([f"--ckpt_path={last}"] if last.exists() else [])
 
 
 def launch(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    # A fresh run: no process-group settings inherited from a caller that ran one (Lightning
+    # leaves MASTER_PORT in the environment, and its port may still be taken).
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")}
+    env = {**inherited, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen(
         [sys.executable, "-m", "lightning_sr.cli", *args], cwd=cwd, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -176,17 +181,18 @@ def soak_predict(ws: dict, folder: Path, cycles: int, seed: int, processes: int 
 
 
 def soak_fit(
-    ws: dict, folder: Path, cycles: int, seed: int, processes: int = 1, max_steps: int = 24, sharded: bool = False
+    ws: dict, folder: Path, cycles: int, seed: int, processes: int = 1, max_steps: int = 24, sharded: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> dict:
     from lightning_sr.export import METADATA, model_state_dict
 
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
-    duration = timed(fit_command(ws, folder / "uninterrupted", max_steps, processes, sharded), folder)
+    duration = timed(fit_command(ws, folder / "uninterrupted", max_steps, processes, sharded, extra), folder)
     root = folder / "interrupted"
     kills = kill_cycles(
-        lambda: fit_command(ws, root, max_steps, processes, sharded), folder, cycles, random.Random(seed), duration
+        lambda: fit_command(ws, root, max_steps, processes, sharded, extra), folder, cycles, random.Random(seed), duration
     )
 
     def weights(run: str) -> dict:

@@ -93,7 +93,7 @@ def data_parallel_mesh(module) -> object | None:
     if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
         raise ValueError(
             f"{type(module).__name__} shards with FSDP2 only; tensor parallelism is not supported: "
-            f"use {SUPPORTED.split(' (')[0]} or ModelParallelStrategy(tensor_parallel_size=1)"
+            "use lightning_sr.FSDP2Strategy or ModelParallelStrategy(tensor_parallel_size=1)"
         )
     return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
 

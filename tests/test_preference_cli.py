@@ -16,7 +16,11 @@ from lightning_sr.modules.preference import PreferenceModule
 
 ROOT = Path(__file__).resolve().parents[1]
 # The preference-training configs (fit_sft.yaml trains an SFTModule: tests/test_sft.py).
-CONFIGS = sorted(c for c in (ROOT / "configs").glob("fit_*.yaml") if "PreferenceModule" in c.read_text())
+# One process each, in this process; the sharded config starts processes of its own, so its runs
+# are in test_sharded_training.py.
+CONFIGS = sorted(
+    c for c in (ROOT / "configs").glob("fit_*.yaml") if "PreferenceModule" in c.read_text() and not c.stem.endswith("_fsdp")
+)
 PAIRS = [
     {"prompt": "was your day good ?", "chosen": "yes a great day , thanks", "rejected": "a bad day"},
     {"prompt": "is paris the capital of france ?", "chosen": "yes it is", "rejected": "no"},

@@ -105,6 +105,15 @@ def test_sharded_run_killed_mid_epoch_resumes_bit_exactly(soak, workspace, tmp_p
 
 
 @pytest.mark.slow
+def test_consolidated_checkpoints_resume_bit_exactly_too(soak, workspace, tmp_path):
+    """``save_distributed_checkpoint=false``: one file gathered on rank 0, optimizer state included."""
+    consolidated = ("--trainer.strategy.save_distributed_checkpoint=false",)
+    row = soak.soak_fit(workspace, tmp_path, cycles=1, seed=3, processes=2, max_steps=8, sharded=True, extra=consolidated)
+    assert (tmp_path / "uninterrupted" / "ckpt" / "last.ckpt").is_file()
+    assert row["kills"] == 1 and row["steps"] == [8, 8] and row["max_weight_difference"] == 0.0, row
+
+
+@pytest.mark.slow
 def test_resuming_on_another_number_of_processes_stops_with_what_is_supported(soak, workspace, tmp_path):
     root = tmp_path / "run"
     fit(soak, workspace, root, 2, True, 2)

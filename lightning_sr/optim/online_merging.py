@@ -76,7 +76,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_sr.optim.shards import FlatShard, flat_shard, is_sharded, local
+from lightning_sr.optim.shards import FlatShard, base_part, flat_shard, is_sharded, local, local_part
 from lightning_sr.optim.sparsify import (
     MIN_KEEP_RATE,
     index_dtype,
@@ -203,24 +203,6 @@ def _lookup(indices: torch.Tensor, values: torch.Tensor, query: torch.Tensor) ->
 _ELEMENTWISE_STATE = ("exp_avg", "exp_avg_sq", "master", "accumulated")
 
 
-def _base_part(value, param: torch.Tensor, shard: FlatShard) -> torch.Tensor:
-    """The base's values at ``param``'s local elements: the rows of its shard.
-
-    ``value`` is a tensor, a ``DTensor`` or a lazily read tensor (anything with ``shape`` that
-    slices by rows, as :func:`lightning_sr.loading.load_weights` returns for safetensors).
-    """
-    if is_sharded(value):
-        if is_sharded(param) and (value.device_mesh, value.placements) == (param.device_mesh, param.placements):
-            return value.to_local()
-        value = value.full_tensor()
-    if not is_sharded(param):
-        return value if isinstance(value, torch.Tensor) else value[:]
-    rows = local(param).shape[0]
-    row_numel = math.prod(param.shape[1:])
-    first = shard.start // row_numel if row_numel else 0
-    return value[first : first + rows]
-
-
 def _as_dtensors(param: torch.Tensor, entry: dict) -> dict:
     """A sharded parameter's state entry with its tensors as ``DTensor`` s in ``param``'s layout."""
     from torch.distributed.tensor import DTensor
@@ -236,16 +218,6 @@ def _as_dtensors(param: torch.Tensor, entry: dict) -> dict:
         tau.view(-1)[entry["tau_idx"].long()] = entry["tau_val"].to(tau.dtype)
     out["tau"], out["has_tau"] = wrap(tau), "tau_idx" in entry
     return out
-
-
-def _local_part(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """A loaded state tensor as this rank's part of ``param``: a ``DTensor`` is laid out like the
-    parameter first (a checkpoint written with another number of ranks), then unwrapped."""
-    if not is_sharded(value):
-        return value
-    if is_sharded(param) and (value.device_mesh, value.placements) != (param.device_mesh, param.placements):
-        value = value.redistribute(param.device_mesh, param.placements)
-    return value.to_local() if is_sharded(param) else value.full_tensor()
 
 
 class OnlineMergingOptimizer(Optimizer):
@@ -393,7 +365,7 @@ class OnlineMergingOptimizer(Optimizer):
             restored = {}
             for key, value in saved_state[saved_id].items():
                 if isinstance(value, torch.Tensor):
-                    value = _local_part(value, param)
+                    value = local_part(value, param)
                     device = "cpu" if key == "rng_state" else local(param).device
                     value = value.detach().to(device=device, copy=True)
                 restored[key] = value
@@ -486,8 +458,8 @@ class OnlineMergingOptimizer(Optimizer):
             if self._uses_rng:  # M₀ from the start of the stream, however often set_base is called
                 self._seed(state, group, positions[id(param)], param.device)
             current = self._weight(param, state).detach()
-            base_part = _base_part(base_tensors[pairs[name]], param, self._shard(param))
-            tau = current - base_part.to(device=current.device, dtype=current.dtype)
+            base_values = base_part(base_tensors[pairs[name]], param, self._shard(param))
+            tau = current - base_values.to(device=current.device, dtype=current.dtype)
             idx, values = self._sparsify_reference(tau.reshape(-1), state, group, self._shard(param))
             nonzero = values != 0
             state["tau_idx"] = idx[nonzero].to(device=param.device, dtype=index_dtype(tau.numel()))

@@ -19,7 +19,7 @@ from math import prod
 import torch
 import torch.distributed as dist
 
-__all__ = ["FlatShard", "flat_shard", "local", "is_sharded"]
+__all__ = ["FlatShard", "flat_shard", "local", "is_sharded", "local_part", "base_part"]
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
@@ -89,3 +89,31 @@ def flat_shard(param: torch.Tensor) -> FlatShard:
     row = prod(param.shape[1:])
     start = min(offset[0], param.shape[0]) * row if param.shape else 0
     return FlatShard(param.numel(), start, param.device_mesh.get_group(sharded[0]))
+
+
+def local_part(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A loaded state tensor as this rank's part of ``param``: a ``DTensor`` is laid out like the
+    parameter first (a checkpoint written with another number of ranks), then unwrapped."""
+    if not is_sharded(value):
+        return value
+    if is_sharded(param) and (value.device_mesh, value.placements) != (param.device_mesh, param.placements):
+        value = value.redistribute(param.device_mesh, param.placements)
+    return value.to_local() if is_sharded(param) else value.full_tensor()
+
+
+def base_part(value, param: torch.Tensor, shard: FlatShard) -> torch.Tensor:
+    """The base's values at ``param``'s local elements: the rows of its shard.
+
+    ``value`` is a tensor, a ``DTensor`` or a lazily read tensor (anything with ``shape`` that
+    slices by rows, as :func:`lightning_sr.loading.load_weights` returns for safetensors).
+    """
+    if is_sharded(value):
+        if is_sharded(param) and (value.device_mesh, value.placements) == (param.device_mesh, param.placements):
+            return value.to_local()
+        value = value.full_tensor()
+    if not is_sharded(param):
+        return value if isinstance(value, torch.Tensor) else value[:]
+    rows = local(param).shape[0]
+    row_numel = prod(param.shape[1:])
+    first = shard.start // row_numel if row_numel else 0
+    return value[first : first + rows]
