@@ -188,3 +188,36 @@ def test_lazy_base_weights_read_only_rows_and_give_the_same_reference_delta(tmp_
         taus.append([(s["tau_idx"], s["tau_val"]) for s in opt.state.values()])
     for (idx_a, val_a), (idx_b, val_b) in zip(*taus):
         assert torch.equal(idx_a, idx_b) and torch.equal(val_a, val_b)
+
+
+def _gpu_fit(workspace, tmp_path, strategy):
+    """Two DPO steps of the tiny model on one GPU under ``strategy`` (for the GPU run)."""
+    import lightning.pytorch as pl
+
+    from lightning_sr.data.preferences import PreferenceDataModule
+    from lightning_sr.modules.preference import PreferenceModule
+
+    generator = str(workspace["generator"])
+    module = PreferenceModule(generator, base_model=generator)
+    data = PreferenceDataModule(str(workspace["pairs"]), tokenizer=generator, batch_size=2, val_fraction=0)
+    trainer = pl.Trainer(accelerator="cuda", devices=1, strategy=strategy, max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+@pytest.mark.cuda
+def test_fsdp1_stops_at_set_up_on_a_gpu(workspace, tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    with pytest.raises(RuntimeError, match="PreferenceModule does not support FSDPStrategy; use --trainer.strategy=lightning_sr.FSDP2Strategy"):
+        _gpu_fit(workspace, tmp_path, FSDPStrategy())
+
+
+@pytest.mark.cuda
+def test_fsdp2_trains_on_one_gpu(workspace, tmp_path):
+    from lightning_sr.sharding import FSDP2Strategy
+
+    trainer = _gpu_fit(workspace, tmp_path, FSDP2Strategy())
+    assert trainer.global_step == 2
+    assert all(p.device.type == "cuda" for p in trainer.lightning_module.parameters())
