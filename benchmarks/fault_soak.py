@@ -116,11 +116,15 @@ def fit_command(
     return command + ([f"--ckpt_path={last}"] if last.exists() else [])
 
 
+def fresh_environment() -> dict[str, str]:
+    """This process's environment without process-group settings, for a run of its own: Lightning
+    leaves MASTER_PORT set after a distributed run here, and that port may still be taken."""
+    group = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+    return {k: v for k, v in os.environ.items() if k not in group}
+
+
 def launch(args: list[str], cwd: Path) -> subprocess.Popen:
-    # A fresh run: no process-group settings inherited from a caller that ran one (Lightning
-    # leaves MASTER_PORT in the environment, and its port may still be taken).
-    inherited = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")}
-    env = {**inherited, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    env = {**fresh_environment(), "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen(
         [sys.executable, "-m", "lightning_sr.cli", *args], cwd=cwd, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
