@@ -34,6 +34,7 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
 
 from lightning_sr.lightning_packages import Callback
+from lightning_sr.optim.shards import local
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
@@ -152,8 +153,6 @@ class _CpuSampler:
 def _held_bytes(pl_module: LightningModule, optimizers) -> dict[str, int]:
     """Bytes of the module's parameters and of the optimizers' state tensors held by this
     process (a sharded tensor counts its local shard)."""
-    from lightning_sr.optim.shards import local
-
     def size(tensors) -> int:
         unique = {id(t): local(t) for t in tensors if isinstance(t, torch.Tensor)}
         return sum(t.numel() * t.element_size() for t in unique.values())

@@ -266,8 +266,8 @@ def _candidates(selection: TopK, threshold: torch.Tensor) -> tuple[torch.Tensor,
         hits = (part >= threshold).nonzero().squeeze(1)
         values.append(part[hits])
         indices.append(hits.add_(start))
-    if not indices:
-        return torch.empty(0, dtype=torch.long, device=selection.device), torch.empty(0, device=selection.device)
+    if not indices:  # an empty shard: empty magnitudes of the same dtype as every other rank's
+        return torch.empty(0, dtype=torch.long, device=selection.device), selection.magnitude_at(slice(0, 0))
     return torch.cat(indices), torch.cat(values)
 
 
@@ -300,14 +300,14 @@ def _radix_select(values: list[torch.Tensor], ks: list[int], starts: list[int], 
         for i in active:
             histograms[i] = torch.bincount(digits[i], minlength=256)
         shard.all_reduce(histograms)
-        from_top = histograms.flip(1).cumsum(1)  # from_top[i, j]: candidates with a byte >= 255 - j
-        reached = (from_top >= torch.tensor(remaining, device=from_top.device).unsqueeze(1)).long().argmax(1).tolist()
-        above_counts = (from_top.gather(1, torch.tensor(reached, device=from_top.device).unsqueeze(1)).squeeze(1)
-                        - histograms.gather(1, (255 - torch.tensor(reached, device=from_top.device)).unsqueeze(1)).squeeze(1)).tolist()
+        counts = histograms.tolist()
         for i in active:
-            byte = 255 - reached[i]
+            byte, above = 255, 0  # from the top, the byte where the count reaches what is still needed
+            while above + counts[i][byte] < remaining[i]:
+                above += counts[i][byte]
+                byte -= 1
             kept[i].append(positions[i][digits[i] > byte])
-            remaining[i] -= above_counts[i]
+            remaining[i] -= above
             same = digits[i] == byte
             positions[i], bits[i] = positions[i][same], bits[i][same]
     tied = [i for i in range(count) if remaining[i] > 0]  # equal magnitudes at the k-th value
