@@ -49,28 +49,28 @@ def tiny_models(seed: int = 0):
     return generator, tokenizer, HFRewardModel(reward_model, reward_tokenizer)
 
 
-def embedded_models():
-    """(generator, tokenizer, reward): SmolLM2-135M-Instruct (float32) and ``minilm-positivity``."""
+def embedded_models(dtype: torch.dtype = torch.float32):
+    """(generator, tokenizer, reward): SmolLM2-135M-Instruct (in ``dtype``) and ``minilm-positivity``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lightning_sr.assets import resolve_model
     from lightning_sr.rewards import HFRewardModel
 
     path = resolve_model("smollm2-135m-instruct")
-    generator = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    generator = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return generator, tokenizer, HFRewardModel("minilm-positivity")
 
 
-def load_models(preset: str, device: str = "cpu"):
-    """The preset's (generator, tokenizer, reward), the generator and reward on ``device``."""
+def load_models(preset: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """The preset's (generator, tokenizer, reward), the generator (in ``dtype``) and reward on ``device``."""
     if preset == "tiny":
         generator, tokenizer, reward = tiny_models()
     elif preset == "embedded":
-        generator, tokenizer, reward = embedded_models()
+        generator, tokenizer, reward = embedded_models(dtype)
     else:
         raise ValueError(f"unknown preset {preset!r}: use 'tiny' or 'embedded'")
-    generator.to(device)
+    generator.to(device=device, dtype=dtype)
     reward.to(device)
     return generator, tokenizer, reward
 

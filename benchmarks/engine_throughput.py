@@ -295,6 +295,14 @@ class Worker:
         self.process.wait()
 
 
+def _commit() -> str | None:
+    """This checkout's commit; None without git (a copy of the tree on a GPU machine)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
+    except OSError:
+        return None
+
+
 def extract_baseline(ref: str, folder: Path) -> Path:
     """``lightning_sr/`` of ``ref``, extracted into ``folder`` with ``git archive``."""
     archive = subprocess.run(["git", "archive", ref, "lightning_sr"], cwd=ROOT, capture_output=True, check=False)
@@ -525,7 +533,7 @@ def main(argv=None) -> tuple[list[dict], list[dict], list[dict]]:
             "command": command_line(),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "machine": {**machine_info(), "load_average_at_start": load},
-            "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+            "commit": _commit(),
             "models": {model: model_facts(model, args) for model in args.models},
             "targets": targets,
             "failed_cells": failed,

@@ -58,6 +58,8 @@ VARIANTS = {
 PRESETS = {
     "106m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
                  num_key_value_heads=12),
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=256),  # keeps the script working (the GPU proof's dry run)
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4),
 }
@@ -71,7 +73,7 @@ def build_model(preset: str, layers: int | None, device):
     shape = dict(PRESETS[preset])
     if layers is not None:
         shape["num_hidden_layers"] = layers
-    config = LlamaConfig(vocab_size=32000, tie_word_embeddings=False, **shape)
+    config = LlamaConfig(**{"vocab_size": 32000, "tie_word_embeddings": False, **shape})
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to_empty(device=device)
@@ -174,7 +176,7 @@ def run(names: list[str], preset: str, layers: int | None, rounds: int, warmup: 
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     parser.add_argument("--preset", choices=list(PRESETS), default="106m")
@@ -184,7 +186,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--only", nargs="*", default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=RESULTS / "optimizer_step")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import torch
 
     if args.threads is not None:
@@ -232,6 +234,7 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {args.out.with_suffix('.csv')} and .json")
+    return rows
 
 
 if __name__ == "__main__":

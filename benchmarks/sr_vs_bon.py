@@ -159,6 +159,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="the generator's dtype (the reward model stays float32)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the CSV, JSON and PNG")
     parser.add_argument("--rederive", type=Path, metavar="JSON",
                         help="recompute the derived columns and the plot of a saved run; runs nothing")  # fmt: skip
@@ -188,11 +190,11 @@ def build_methods(args, budget: int) -> list[Method]:
     return methods
 
 
-def run_all(args, model, tokenizer, reward, prompts, methods: list[Method]) -> None:
+def run_all(args, model, tokenizer, reward, prompts, methods: list[Method], after_chunk=None) -> None:
     """Run every method on every chunk of prompts; each method records its results in prompt order.
 
     A batch's seed depends only on its chunk and its first prompt, so methods that batch the same
-    prompts sample with the same seed.
+    prompts sample with the same seed. ``after_chunk()`` runs when every method has done a chunk.
     """
     sampling = SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens
@@ -219,6 +221,8 @@ def run_all(args, model, tokenizer, reward, prompts, methods: list[Method]) -> N
                 f"mean reward {statistics.fmean(r.reward for r in results):+.3f}",
                 flush=True,
             )
+        if after_chunk is not None:
+            after_chunk()
 
 
 def improvement(method: Method, reference: Method) -> tuple[float, int]:
@@ -423,7 +427,7 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     load_start = time.perf_counter()
-    model, tokenizer, reward = load_models(args.preset, args.device)
+    model, tokenizer, reward = load_models(args.preset, args.device, getattr(torch, args.dtype))
     load_seconds = time.perf_counter() - load_start
     prompts = load_prompts(args.preset, args.prompts)
     n_sr = max(args.ns)
@@ -436,37 +440,42 @@ def main(argv=None) -> list[dict]:
         f"prompts (first decision after >= {args.min_tokens} tokens), fixed schedule {args.fixed_lengths}",
         flush=True,
     )
+    stem = args.out / f"sr_vs_bon_{args.preset}"
+    title = (f"{args.preset}: {{prompts}} prompts, {args.max_new_tokens} new tokens, SR starts at n={n_sr}, "
+             f"KV budget {budget / 2**20:.0f} MiB / {sr_per_batch} prompts")  # fmt: skip
     run_start = time.perf_counter()
-    run_all(args, model, tokenizer, reward, prompts, methods)
+
+    def write_outputs() -> list[dict]:
+        """The CSV, JSON and plot of the prompts done so far (after every chunk: a run that is
+        stopped keeps its finished chunks, and ``--rederive`` redraws them)."""
+        rows = summarize(methods)
+        done = len(methods[0].chosen)
+        write_csv(stem.with_suffix(".csv"), rows)
+        plot(rows, stem.with_suffix(".png"), title.format(prompts=done))
+        write_json(
+            stem.with_suffix(".json"),
+            {
+                "command": command_line(),
+                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                "machine": machine_info(),
+                "kv_budget_bytes": budget,
+                "sr_prompts_per_batch": sr_per_batch,
+                "load_seconds": load_seconds,
+                "run_seconds": time.perf_counter() - run_start,
+                "target": speedup_target(rows),
+                "rows": rows,
+                "per_prompt_chosen_reward": {m.name: m.chosen for m in methods},
+                "per_prompt_final_rewards": {m.name: m.finals for m in methods},
+                "prompts": prompts[:done],
+            },
+        )
+        return rows
+
+    run_all(args, model, tokenizer, reward, prompts, methods, after_chunk=write_outputs)
     run_seconds = time.perf_counter() - run_start
     rows = summarize(methods)
     print_table(rows, [c for c in COLUMNS if c not in ("reward_calls", "peak_cuda_bytes", "generation_s", "reward_s")])
-
-    target = speedup_target(rows)
-    print(f"target (SR >= 2x less compute at equal score): {target}")
-
-    stem = args.out / f"sr_vs_bon_{args.preset}"
-    write_csv(stem.with_suffix(".csv"), rows)
-    plot(rows, stem.with_suffix(".png"),
-         f"{args.preset}: {len(prompts)} prompts, {args.max_new_tokens} new tokens, SR starts at n={n_sr}, "
-         f"KV budget {budget / 2**20:.0f} MiB / {sr_per_batch} prompts")  # fmt: skip
-    write_json(
-        stem.with_suffix(".json"),
-        {
-            "command": command_line(),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "machine": machine_info(),
-            "kv_budget_bytes": budget,
-            "sr_prompts_per_batch": sr_per_batch,
-            "load_seconds": load_seconds,
-            "run_seconds": run_seconds,
-            "target": target,
-            "rows": rows,
-            "per_prompt_chosen_reward": {m.name: m.chosen for m in methods},
-            "per_prompt_final_rewards": {m.name: m.finals for m in methods},
-            "prompts": prompts,
-        },
-    )
+    print(f"target (SR >= 2x less compute at equal score): {speedup_target(rows)}")
     print(f"wrote {stem}.csv, .json, .png (run {run_seconds:.0f}s, load {load_seconds:.0f}s)")
     return rows
 

@@ -150,3 +150,36 @@ def test_sharded_step_tiny_counts_tau_bytes_and_communication(tmp_path):
     assert int(rows[2, "OnDARE"]["sent_bytes_per_step"]) == 0  # masks from one stream: nothing to send
     assert int(rows[2, "OnTIES"]["sent_bytes_per_step"]) > 0 == int(rows[1, "OnTIES"]["sent_bytes_per_step"])
     assert int(rows[2, "AdamW"]["tau_bytes_total"]) == 0
+
+
+@pytest.mark.slow
+def test_gpu_proof_dry_run_runs_every_phase_into_at_most_eight_files(tmp_path):
+    """The GPU proof's CPU dry run (tiny random models): every phase ends ok, at most 8 files
+    come back, and each phase's figures are there (the OOM run kept the batches before it)."""
+    import subprocess
+
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_proof.py"), "--dry-run", "--out", str(out),
+                           "--work", str(tmp_path / "work"), "--budget", "900"],
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    gpu_proof = load_script("gpu_proof")
+    names = {path.name for path in out.iterdir()}
+    assert len(names) <= 8 and names <= set(gpu_proof.OUTPUT_FILES)
+    assert names >= {"gpu_proof.json", "gpu_proof.log", "sr_vs_bon.png", "engine_throughput.png", "memory_predict.png",
+                     "memory_fit.csv"}  # the snapshots need CUDA  # fmt: skip
+    report = json.loads((out / "gpu_proof.json").read_text())
+    phases = report["phases"]
+    assert list(phases) == [phase.name for phase in gpu_proof.PHASES]
+    assert {name: result["status"] for name, result in phases.items()} == {name: "ok" for name in phases}
+    assert report["environment"]["torch"] and report["environment"]["copy_bandwidth_gb_s"] > 0
+    assert phases["cuda_tests"]["figures"]["cuda"]["collected"] > 0 < phases["cuda_tests"]["figures"]["quick"]["collected"]
+    assert phases["sr_vs_bon"]["figures"]["prompts_done"] == 4
+    memory = phases["memory"]["figures"]
+    assert memory["sr_predict"]["rejections"] > 0 == memory["bon_predict"]["rejections"]
+    assert memory["oom"]["raised"].startswith("OutOfMemoryError") and memory["oom"]["batches_kept"] == [0, 1]
+    assert len(memory["fit"]["rows"]) == 6 and memory["overhead"]["hook_cost_us_per_batch"] > 0
+    assert {r["impl"] for r in phases["engine"]["figures"]["throughput"]} == {"engine", "generate"}
+    assert set(phases["optimizers"]["figures"]["time_ratio"]) >= {"OnDARE", "OnTIES"}
+    assert "phase" in done.stdout and "optimizers" in done.stdout.splitlines()[-2]  # the summary table
+    assert not (BENCHMARKS.parent / "config.yaml").exists()  # the CLI runs wrote their files in the work folder

@@ -81,7 +81,7 @@ def plot_generation(csv_path: str | Path, png_path: str | Path) -> Path:
     for ax in axes[len(shown) :]:
         ax.set_visible(False)
     for ax, (_, run_rows) in zip(axes, shown):
-        _plot_run(ax, run_rows)
+        plot_run(ax, run_rows)
     if len(runs) > len(shown):
         fig.suptitle(
             f"first {len(shown)} of {len(runs)} decoding runs; all are in {Path(csv_path).name}"
@@ -90,7 +90,9 @@ def plot_generation(csv_path: str | Path, png_path: str | Path) -> Path:
     return Path(png_path)
 
 
-def _plot_run(ax, rows: list[dict]) -> None:
+def plot_run(ax, rows: list[dict]) -> None:
+    """One decoding run's rows of a generation CSV on ``ax``: memory and KV cache over the
+    generated length (log2), live rows on a second axis, rejections as dashed lines."""
     rows = [r for r in rows if int(r["step"]) > 0]  # log2 axis: generated length starts at 1
     if not rows:
         return
