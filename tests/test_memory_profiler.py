@@ -14,6 +14,8 @@ import yaml
 from torch.utils.data import DataLoader
 
 import lightning_sr.callbacks.memory as memory
+import lightning_sr.callbacks.memory_csv as memory_csv
+import lightning_sr.callbacks.memory_samplers as memory_samplers
 from lightning_sr.callbacks import config_path
 from lightning_sr.callbacks.memory import GPUMemoryProfiler
 from lightning_sr.generation.results import StepEvent
@@ -192,7 +194,7 @@ def test_failing_to_save_after_an_exception_warns_and_keeps_the_runs_error(L, tm
 
 
 def test_cpu_peak_rss_is_in_bytes_and_outlives_a_freed_allocation():
-    sampler = memory._CpuSampler(torch.device("cpu"))
+    sampler = memory_samplers.CpuSampler(torch.device("cpu"))
     spike = torch.ones(32 * 2**20, dtype=torch.float32)  # 128 MiB, touched
     during = sampler.current()
     del spike
@@ -694,7 +696,7 @@ def test_each_rank_writes_its_own_files(tmp_path):
 
 
 def test_buffer_flushes_in_chunks_without_losing_rows(tmp_path):
-    buffer = memory._CsvBuffer(tmp_path / "x.csv", ("a",), flush_every=3)
+    buffer = memory_csv.CsvBuffer(tmp_path / "x.csv", ("a",), flush_every=3)
     for i in range(7):
         buffer.add({"a": i})
     assert len(read_csv(tmp_path / "x.csv")) == 6  # two chunks on disk, one row pending

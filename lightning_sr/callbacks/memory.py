@@ -1,18 +1,20 @@
 """GPUMemoryProfiler: memory per batch for fit/validate/test/predict, and per decoding step.
 
-Per recorded batch the callback samples the device's memory once at the end of the batch and
-logs it through ``trainer.loggers`` under ``memory/<phase>/...`` keys (``pl_module.log`` is not
-allowed in predict hooks, ``logger.log_metrics`` is). Rows are buffered and written as
-``memory_<stage>.csv`` at stage end (and every ``_FLUSH_EVERY`` rows), then plotted to
-``memory_<stage>.png``. Inside generation the SpeculativeRejectionModule calls
+Like Lightning's ``DeviceStatsMonitor``, the callback samples the device once per recorded batch,
+at the batch's end, and logs the sample through ``trainer.loggers`` under ``memory/<phase>/...``
+keys (``pl_module.log`` is not allowed in predict hooks, ``logger.log_metrics`` is). Unlike it, it
+also keeps every sample as a CSV row, ``memory_<stage>.csv``, plotted to ``memory_<stage>.png`` at
+stage end. Inside generation the SpeculativeRejectionModule calls
 :meth:`GPUMemoryProfiler.on_generation_step` once per decoding step; those rows go to
 ``memory_<stage>_generation.csv`` and a plot in the style of the paper's Figure 1 (memory and live
 rows over generated length, rejection points marked).
 
-On CUDA the sample is ``torch.cuda.memory_stats`` (allocated, reserved, peak allocated since the
-batch began, OOM and allocator-retry counts) plus NVML's device-wide used memory when
-``pynvml`` (package ``nvidia-ml-py``) is importable. On any other device it is the process RSS
-and peak RSS, labelled as such.
+What a sample holds is the sampler's business (:mod:`lightning_sr.callbacks.memory_samplers`):
+on CUDA ``torch.cuda.memory_stats`` (allocated, reserved, peak allocated since the batch began,
+OOM and allocator-retry counts) plus NVML's device-wide used memory when ``pynvml`` (package
+``nvidia-ml-py``) is importable; on any other device the process RSS and peak RSS, labelled as
+such. Rows are buffered by :class:`~lightning_sr.callbacks.memory_csv.CsvBuffer` and written
+every ``FLUSH_EVERY`` rows, at stage end and when the run raises.
 
 Every row also counts what this process holds of the model and the optimizers
 (``parameter_bytes``, ``optimizer_state_bytes``): under sharding (FSDP2) that is this rank's shard,
@@ -22,19 +24,17 @@ which process RSS (imports, allocator caches, gathered layers) hides.
 
 from __future__ import annotations
 
-import csv
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
 
+from lightning_sr.callbacks.memory_csv import CsvBuffer
+from lightning_sr.callbacks.memory_samplers import held_bytes, sampler_for
 from lightning_sr.lightning_packages import Callback
-from lightning_sr.optim.shards import local
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
@@ -42,25 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 rank_zero_info = rank_zero_only(log.info)
 
-try:  # peak RSS; not available on Windows
-    import resource
-except ImportError:  # pragma: no cover - platform dependent
-    resource = None
-
-_FLUSH_EVERY = 1000
-"""Buffered rows per file before they are appended to disk (bounds memory on long runs)."""
-
 BATCH_KEYS = ("stage", "phase", "step", "batch_idx", "dataloader_idx", "elapsed_s", "device",
               "parameter_bytes", "optimizer_state_bytes")
-CUDA_METRICS = (
-    "allocated_bytes",
-    "reserved_bytes",
-    "peak_allocated_bytes",
-    "nvml_used_bytes",
-    "num_ooms",
-    "num_alloc_retries",
-)
-CPU_METRICS = ("rss_bytes", "peak_rss_bytes")
+"""The first columns of ``memory_<stage>.csv``; the sampler's ``metrics`` follow."""
 GENERATION_KEYS = (
     "phase",
     "batch_idx",
@@ -78,174 +62,12 @@ GENERATION_KEYS = (
     "round",
     "num_prompts",
 )
-
-
-# --------------------------------------------------------------------------------------------
-# Samplers: one reading of the device's memory. Created once per stage, cheap to call.
-# --------------------------------------------------------------------------------------------
-
-
-class _CudaSampler:
-    """Reads ``torch.cuda.memory_stats`` (and NVML when present) for one CUDA device."""
-
-    metrics = CUDA_METRICS
-    memory_kind = "allocated_bytes"
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.label = str(device)
-        self._nvml, self._nvml_handle = _nvml_handle(device)
-
-    def begin_batch(self) -> None:
-        # Process-wide: every reader of max_memory_allocated() on this device sees the reset.
-        torch.cuda.reset_peak_memory_stats(self.device)
-
-    def sample(self) -> dict[str, int | None]:
-        stats = torch.cuda.memory_stats(self.device)
-        return {
-            "allocated_bytes": int(stats.get("allocated_bytes.all.current", 0)),
-            "reserved_bytes": int(stats.get("reserved_bytes.all.current", 0)),
-            "peak_allocated_bytes": int(stats.get("allocated_bytes.all.peak", 0)),
-            "nvml_used_bytes": self._nvml_used(),
-            "num_ooms": int(stats.get("num_ooms", 0)),
-            "num_alloc_retries": int(stats.get("num_alloc_retries", 0)),
-        }
-
-    def current(self) -> int:
-        return int(torch.cuda.memory_stats(self.device).get("allocated_bytes.all.current", 0))
-
-    def _nvml_used(self) -> int | None:
-        if self._nvml_handle is None:
-            return None
-        try:
-            return int(self._nvml.nvmlDeviceGetMemoryInfo(self._nvml_handle).used)
-        except self._nvml.NVMLError as err:
-            rank_zero_warn(
-                f"GPUMemoryProfiler: NVML stopped answering ({err}); dropping nvml_used_bytes."
-            )
-            self._nvml_handle = None
-            return None
-
-
-class _CpuSampler:
-    """Process resident set size (RSS) and its lifetime peak, for runs without a GPU."""
-
-    metrics = CPU_METRICS
-    memory_kind = "rss_bytes"
-
-    def __init__(self, device: torch.device) -> None:
-        self.label = device.type
-        self._process = psutil.Process()
-
-    def begin_batch(self) -> None:
-        pass  # the OS keeps only a lifetime peak; there is nothing to reset
-
-    def sample(self) -> dict[str, int | None]:
-        rss = self.current()
-        peak = _peak_rss_bytes(self._process)
-        # The kernel's high-water mark can trail the current RSS by a page or two.
-        return {"rss_bytes": rss, "peak_rss_bytes": None if peak is None else max(peak, rss)}
-
-    def current(self) -> int:
-        return int(self._process.memory_info().rss)
-
-
-def _held_bytes(pl_module: LightningModule, optimizers) -> dict[str, int]:
-    """Bytes of the module's parameters and of the optimizers' state tensors held by this
-    process (a sharded tensor counts its local shard)."""
-    def size(tensors) -> int:
-        unique = {id(t): local(t) for t in tensors if isinstance(t, torch.Tensor)}
-        return sum(t.numel() * t.element_size() for t in unique.values())
-
-    states = (v for opt in optimizers for state in opt.state.values() for v in state.values())
-    return {"parameter_bytes": size(pl_module.parameters()), "optimizer_state_bytes": size(states)}
-
-
-def _peak_rss_bytes(process: psutil.Process) -> int | None:
-    """The process's peak RSS since it started (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    if resource is not None:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak if sys.platform == "darwin" else peak * 1024)
-    peak = getattr(process.memory_info(), "peak_wset", None)  # Windows
-    return None if peak is None else int(peak)
+"""The columns of ``memory_<stage>_generation.csv``, one row per decoding step."""
 
 
 def _root_device(trainer: Trainer) -> torch.device:
+    """The device this process computes on (one place, so tests can pretend it is CUDA)."""
     return trainer.strategy.root_device
-
-
-def _nvml_handle(device: torch.device) -> tuple[Any, Any]:
-    """(pynvml module, handle) for ``device``, or (None, None) when NVML is unavailable.
-
-    The handle is looked up by the device's UUID, so it is right under CUDA_VISIBLE_DEVICES.
-    """
-    try:
-        import pynvml
-    except ImportError:
-        return None, None
-    try:
-        pynvml.nvmlInit()
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-        if uuid is not None:
-            handle = pynvml.nvmlDeviceGetHandleByUUID(_nvml_uuid(uuid))
-        else:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        return pynvml, handle
-    except pynvml.NVMLError as err:
-        rank_zero_info(
-            f"GPUMemoryProfiler: NVML unavailable ({err}); not recording nvml_used_bytes."
-        )
-        return None, None
-
-
-def _nvml_uuid(uuid: Any) -> str:
-    text = str(uuid)
-    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
-
-
-# --------------------------------------------------------------------------------------------
-# Buffered CSV file
-# --------------------------------------------------------------------------------------------
-
-
-class _CsvBuffer:
-    """Rows kept in memory and appended to ``path`` every ``flush_every`` rows and on close."""
-
-    def __init__(
-        self, path: Path, columns: tuple[str, ...], flush_every: int = _FLUSH_EVERY
-    ) -> None:
-        self.path = path
-        self.columns = columns
-        self.flush_every = flush_every
-        self.rows: list[dict] = []
-        self.count = 0
-        self._started = False
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        self.count += 1
-        if len(self.rows) >= self.flush_every:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.rows and self._started:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a" if self._started else "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
-            if not self._started:
-                writer.writeheader()
-            writer.writerows(self.rows)
-        self._started = True
-        self.rows.clear()
-
-
-# --------------------------------------------------------------------------------------------
-# The callback
-# --------------------------------------------------------------------------------------------
-
-_PHASES = {"train": "train", "validation": "validation", "test": "test", "predict": "predict"}
 
 
 class GPUMemoryProfiler(Callback):
@@ -256,8 +78,8 @@ class GPUMemoryProfiler(Callback):
             counting from the first. Decoding steps are recorded for recorded batches only.
         dirpath: folder for ``memory_<stage>.csv/.png``, generation files and snapshots.
             Default: ``trainer.log_dir`` (the first logger's log directory), else the trainer's
-            ``default_root_dir`` (e.g. under ``fast_dev_run``, which has no real logger). With several processes every rank writes its own files,
-            suffixed ``_rank<global_rank>``.
+            ``default_root_dir`` (e.g. under ``fast_dev_run``, which has no real logger). With
+            several processes every rank writes its own files, suffixed ``_rank<global_rank>``.
         plot: write PNG plots next to the CSVs (needs matplotlib; skipped with a warning without).
         snapshot: on CUDA, record the caching allocator's history from stage start and dump a
             pickle for https://pytorch.org/memory_viz at stage end and when the run raises (an
@@ -271,7 +93,8 @@ class GPUMemoryProfiler(Callback):
         On CUDA the callback calls ``torch.cuda.reset_peak_memory_stats`` at the start of every
         recorded batch so that ``peak_allocated_bytes`` is the peak *of that batch*. The reset is
         process-wide: anything else that reads ``torch.cuda.max_memory_allocated`` in this process
-        sees it too.
+        sees it too. It is the only such reset in lightning-sr (the generation engine does not
+        reset), so a predict batch's peak includes its decoding.
     """
 
     def __init__(
@@ -320,16 +143,13 @@ class GPUMemoryProfiler(Callback):
         self._stage = stage
         device = _root_device(trainer)
         self._device_type = device.type
-        if device.type == "cuda":
-            self._sampler = _CudaSampler(device)
-        else:
-            self._sampler = _CpuSampler(device)
-            if not self._said_cpu:
-                rank_zero_info(
-                    f"GPUMemoryProfiler: no CUDA device (running on {device.type!r}); recording process RSS "
-                    "(`rss_bytes`) and peak RSS (`peak_rss_bytes`) instead of GPU memory."
-                )
-                self._said_cpu = True
+        self._sampler = sampler_for(device)
+        if device.type != "cuda" and not self._said_cpu:
+            rank_zero_info(
+                f"GPUMemoryProfiler: no CUDA device (running on {device.type!r}); recording process RSS "
+                "(`rss_bytes`) and peak RSS (`peak_rss_bytes`) instead of GPU memory."
+            )
+            self._said_cpu = True
         self._dir = self.output_dir(trainer)
         for other in trainer.callbacks:
             if other is not self and isinstance(other, GPUMemoryProfiler) and other._prefix == self._prefix:
@@ -339,10 +159,10 @@ class GPUMemoryProfiler(Callback):
                         "give each a different `name` (or `dirpath`)."
                     )
         self._suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
-        self._batches = _CsvBuffer(
+        self._batches = CsvBuffer(
             self._path(f"{self._prefix}_{stage}", ".csv"), BATCH_KEYS + self._sampler.metrics
         )
-        self._generation = _CsvBuffer(
+        self._generation = CsvBuffer(
             self._path(f"{self._prefix}_{stage}_generation", ".csv"), GENERATION_KEYS
         )
         self._t0 = time.perf_counter()
@@ -421,7 +241,7 @@ class GPUMemoryProfiler(Callback):
             "dataloader_idx": dataloader_idx,
             "elapsed_s": round(time.perf_counter() - self._t0, 6),
             "device": self._sampler.label,
-            **_held_bytes(pl_module, trainer.optimizers),
+            **held_bytes(pl_module, trainer.optimizers),
             **metrics,
         }
         self._batches.add(row)
@@ -540,7 +360,7 @@ class GPUMemoryProfiler(Callback):
 
     # ---------------------------------------------------------------- plots
 
-    def _plot(self, buffers: list[_CsvBuffer]) -> None:
+    def _plot(self, buffers: list[CsvBuffer]) -> None:
         """Draw the PNGs from the written CSVs. A missing matplotlib or a plotting error is a warning."""
         try:
             from lightning_sr.callbacks import memory_plots
