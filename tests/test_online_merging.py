@@ -178,6 +178,53 @@ def test_onties_sign_election_breaks_a_tie_toward_plus():
     torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=0)
 
 
+def _onties_one_step(tau, grad, alpha, keep_rate, lr=0.1):
+    """One OnTIES step from θ = 0 with τ = ``tau`` (base = −τ), and the reference formula's θ.
+
+    Returns (θ after the step, expected θ, Δ̃, τ̃); Δ comes from :class:`RefAdam`, not the optimizer.
+    """
+    p = nn.Parameter(torch.zeros_like(tau))
+    opt = OnTIES([p], lr=lr, keep_rate=keep_rate, merge_weight=alpha)
+    opt.set_base(nn.ParameterDict({"p": p}), {"p": -tau})
+    p.grad = grad.clone()
+    delta = ref_topk(RefAdam(tau.shape, lr).delta(grad), keep_rate)
+    tau_kept = ref_topk(tau, keep_rate)
+    opt.step()
+    return p.detach(), ref_ties_merge(delta, tau_kept, alpha), delta, tau_kept
+
+
+# |g| ~ eps makes |Δ| = lr·k/(k + 1) for g = −k·eps: distinct magnitudes, the first four the
+# largest (kept by keep_rate 0.5 with the four largest |τ|), and signs +, −, +, −, ...
+ELECTION_GRAD = torch.tensor([-19, 9, -4, 3, -0.4, 0.3, -0.2, 0.1], dtype=torch.float64) * EPS
+ELECTION_SIGNS = torch.tensor([-1.0, 1, -1, 1, -1, 1, -1, 1], dtype=torch.float64)  # opposite to Δ's
+
+
+@pytest.mark.parametrize("keep_rate", [1.0, 0.5])  # dense election, and the top-k path
+def test_onties_sign_election_where_adam_outvotes_tau(keep_rate):
+    """|Δ̃| > |τ̃| with opposite signs: the elected sign is Δ's, so Δ̃ is applied and τ̃ dropped
+    (an election that always followed τ would drop Δ̃ and apply α·τ̃ instead)."""
+    tau = ELECTION_SIGNS * torch.tensor([0.06, 0.05, 0.04, 0.03, 0.004, 0.003, 0.002, 0.001], dtype=torch.float64)
+    alpha = 0.3
+    got, expected, delta, tau_kept = _onties_one_step(tau, ELECTION_GRAD, alpha, keep_rate)
+    both = (delta != 0) & (tau_kept != 0)
+    assert both.sum() >= 4 and (delta.abs() > tau_kept.abs())[both].all()  # Δ outvotes τ wherever both are kept
+    assert torch.equal(expected[both], (1 - alpha) * delta[both])
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("keep_rate", [1.0, 0.5])
+def test_onties_sign_election_where_tau_outvotes_adam(keep_rate):
+    """|τ̃| > |Δ̃| with opposite signs: the elected sign is τ's, so α·τ̃ is applied and Δ̃ dropped
+    (an election that always followed Δ would apply (1 − α)·Δ̃ and drop τ̃)."""
+    tau = ELECTION_SIGNS * torch.tensor([0.5, 0.4, 0.3, 0.2, 0.08, 0.07, 0.06, 0.05], dtype=torch.float64)
+    alpha = 0.3
+    got, expected, delta, tau_kept = _onties_one_step(tau, ELECTION_GRAD, alpha, keep_rate)
+    both = (delta != 0) & (tau_kept != 0)
+    assert both.sum() >= 4 and (tau_kept.abs() > delta.abs())[both].all()
+    assert torch.equal(expected[both], alpha * tau_kept[both])
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
 def test_ondare_parameters_draw_their_own_masks():
     """Each parameter's mask stream starts from the seed *and its position*: two parameters of the
     same shape do not share M₀ (or M_t)."""

@@ -27,7 +27,7 @@ from typing_extensions import override
 
 from lightning_sr.lightning_packages import Callback
 from lightning_sr.loading import load_weights
-from lightning_sr.optim.online_merging import OnlineMergingOptimizer
+from lightning_sr.optim import OnlineMergingOptimizer
 from lightning_sr.sharding import check_strategy
 
 if TYPE_CHECKING:

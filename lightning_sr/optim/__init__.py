@@ -1,5 +1,13 @@
-"""Optimizers: online merging Adam variants OnDARE and OnTIES (plain PyTorch, no Lightning)."""
+"""Optimizers: online merging Adam variants OnDARE and OnTIES (plain PyTorch, no Lightning).
 
-from lightning_sr.optim.online_merging import BaseMatch, OnDARE, OnlineMergingOptimizer, OnTIES, align_names
+:mod:`lightning_sr.optim.online_merging` describes the method and says which module holds which
+part; import the public names from here.
+"""
+
+from lightning_sr.optim.base import OnlineMergingOptimizer
+from lightning_sr.optim.names import align_names
+from lightning_sr.optim.ondare import OnDARE
+from lightning_sr.optim.onties import OnTIES
+from lightning_sr.optim.reference import BaseMatch
 
 __all__ = ["OnDARE", "OnTIES", "OnlineMergingOptimizer", "BaseMatch", "align_names"]
