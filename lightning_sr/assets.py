@@ -32,6 +32,8 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable
 
+from lightning_sr.quiet import quiet_transformers
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "LIGHTNING_SR_CACHE"
@@ -259,8 +261,6 @@ def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
     start = time.perf_counter()
     logger.warning("Building %s once into %s (later runs load it from there)", target.name, target)
     try:
-        from lightning_sr.loading import quiet_transformers  # loading imports this module
-
         with quiet_transformers():  # our two log lines say what happens; no per-file bars
             build(scratch)
         try:

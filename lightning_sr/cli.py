@@ -31,6 +31,7 @@ from typing import Any
 
 from jsonargparse import ArgumentParser
 from jsonargparse.typing import import_object
+from typing_extensions import override
 
 from lightning_sr._lazy import LIGHTNING_CLASSES
 from lightning_sr.callbacks.predictions import JSONLPredictionWriter
@@ -46,9 +47,14 @@ class LightningSRCLI(LightningCLI):
     Before parsing it builds every class of ours for its Lightning package (so ``--help`` lists
     them and short names resolve), turns ``lightning_sr:<name>`` into the path of a shipped
     callback YAML, and keeps Lightning's adverts out of the output.
+
+    ``before_predict``, ``after_predict`` and ``before_fit`` are not methods of LightningCLI (so
+    they carry no ``@override``): LightningCLI looks them up by name around each subcommand.
     """
 
+    @override
     def init_parser(self, **kwargs: Any):
+        """LightningCLI's parser, after every class of ours is built for this CLI's package."""
         for name, module in LIGHTNING_CLASSES.items():
             if name != type(self).__name__:
                 for_package(getattr(importlib.import_module(module), name), self._lightning_package)
@@ -56,6 +62,7 @@ class LightningSRCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def before_predict(self) -> None:
+        """Writers keep their summaries for ``after_predict`` instead of printing them."""
         for writer in self._prediction_writers():
             writer.print_summary = False  # after_predict prints it, once the progress bar is done
 
@@ -80,7 +87,9 @@ class LightningSRCLI(LightningCLI):
                 written = "Only last.ckpt, at the end of the run," if getattr(callback, "save_last", False) else "No checkpoint"
                 log.warning("%s will be written: every_n_train_steps=%d > max_steps=%d", written, every, steps)
 
+    @override
     def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Expand ``lightning_sr:<name>`` shortcuts and answer ``--model.<argument>.help``, then parse."""
         if args is None:  # the command line: expanded in place, as LightningCLI reads it from there
             sys.argv[1:] = [_expand_shortcut(arg) for arg in sys.argv[1:]]
         elif isinstance(args, (list, tuple)):
@@ -235,8 +244,8 @@ def short_message(error: BaseException) -> str:
     """
     chain = []
     while error is not None and error not in chain:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
+        chain.append(error)  # ``raise ... from None`` ends the chain: its message already says it all
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     ours = [e for e in chain if _raised_in(e, "lightning_sr")]
     named = [e for prefix in ("Problem with given class_path", 'Parser key "') for e in chain if str(e).startswith(prefix)]
     chosen = ours[-1] if ours else named[0] if named else chain[-1]

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from lightning_sr.loading import load_tokenizer, load_weights, quiet_transformers
 from lightning_sr.assets import resolve_model
+from lightning_sr.loading import load_tokenizer, load_weights
+from lightning_sr.quiet import quiet_transformers
 
 __all__ = ["model_state_dict", "hyperparameters", "export_model", "main"]
 

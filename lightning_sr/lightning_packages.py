@@ -29,6 +29,19 @@ resolve by that rule when they are looked up, so a class path in a project's own
 the class of that project's package; a name imported before any Lightning package is the written
 class, which builds the right one when it is instantiated. ``lightning_sr.lightning.<Name>`` and
 ``lightning_sr.pytorch_lightning.<Name>`` name one package's class explicitly.
+
+Which names are subclasses of a package's base: ``issubclass(C, lightning.pytorch.LightningModule)``
+is decided by ``C.__mro__`` alone (the real bases' metaclass is plain ``type``: no
+``__subclasscheck__`` to answer otherwise, no ABC ``register``), and a class's MRO is fixed when its
+``class`` statement runs. So the explicit names, and the public names once the package is known,
+are subclasses of their package's base; the name in the defining module
+(``lightning_sr.modules.generation.SpeculativeRejectionModule``) is the written class, a subclass
+of neither package's base, and so is a public name imported before any Lightning package. An
+instance is always of the built class (``isinstance`` holds). The written class cannot be a
+subclass at import without being built for one package when it is defined: that would choose
+before a program's own later ``import pytorch_lightning`` (isort order puts ours first), and would
+fix one package for a process that runs both (the test suite does). For ``issubclass`` checks and
+LightningCLI class paths, use the public or the explicit name.
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from typing_extensions import override
 
 PACKAGES = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
 """Our name of each Lightning package (as in ``$LIGHTNING_SR_PACKAGE``) and its module."""
@@ -76,11 +90,13 @@ else:
         _real_base = ""  # where the real base lives inside a Lightning package
         _lightning_package = None  # the package a built class is built for
 
+        @override
         def __new__(cls, *args: Any, **kwargs: Any):
             if cls._lightning_package is None:
                 cls = for_package(cls, active_package())
             return super().__new__(cls)
 
+        @override
         def __reduce_ex__(self, protocol: int):
             """Pickle an instance by its written class and package, not by the built class's name
             (which a class written outside lightning-sr has nowhere to be found by): ``ddp_spawn``

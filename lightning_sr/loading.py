@@ -3,7 +3,11 @@
 A *source* is a hub id, a local Hugging Face folder, an embedded default name
 (``"smollm2-135m-instruct"``, ``"minilm-positivity"``: see :mod:`lightning_sr.assets`), or an
 object that is already loaded (returned as it is). Loading is quiet: transformers' per-load
-"Loading weights" bars and notices are switched off while our loaders run.
+"Loading weights" bars and notices are switched off while our loaders run
+(:func:`~lightning_sr.quiet.quiet_transformers`, also importable from here).
+
+This module uses :mod:`lightning_sr.assets` (to turn an embedded name into its built folder);
+``assets`` never imports this module back.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import json
 import pickle
 from collections.abc import Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 from lightning_sr.assets import EMBEDDED_MODELS, resolve_model
+from lightning_sr.quiet import quiet_transformers
 
 
 def torch_dtype(dtype: Any) -> Any:
@@ -29,22 +33,6 @@ def torch_dtype(dtype: Any) -> Any:
     if not isinstance(value, torch.dtype):
         raise ValueError(f"dtype must be a torch dtype name such as 'float32' or 'bfloat16', got {dtype!r}")
     return value
-
-
-@contextmanager
-def quiet_transformers():
-    """transformers without progress bars and below-error log lines, restored afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def check_source(source: Any, what: str) -> None:

@@ -21,9 +21,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["METHODS", "sparsify", "merge_state_dicts"]
+__all__ = ["MERGE_METHODS", "sparsify", "merge_state_dicts"]
 
-METHODS = ("linear", "dare", "ties")
+MERGE_METHODS = ("linear", "dare", "ties")
+"""The offline merge methods ``F`` (module docstring): the values of ``method`` here and of
+:class:`~lightning_sr.callbacks.OfflineMerge`'s ``method``."""
+
+METHODS = MERGE_METHODS
+"""Former name of :data:`MERGE_METHODS`, which says what they are (the generation module has its
+own set of methods); kept while ``lightning_sr/callbacks/offline_merge.py`` still imports it."""
 
 
 def sparsify(delta: Tensor, method: str, density: float, generator: torch.Generator | None = None) -> Tensor:
@@ -42,7 +48,7 @@ def sparsify(delta: Tensor, method: str, density: float, generator: torch.Genera
         idx = flat.abs().topk(k).indices
         kept[idx] = flat[idx]
         return kept.view_as(delta)
-    raise ValueError(f"unknown merge method {method!r}; choose one of {METHODS}")
+    raise ValueError(f"unknown merge method {method!r}; choose one of {MERGE_METHODS}")
 
 
 def merge_state_dicts(
@@ -57,8 +63,8 @@ def merge_state_dicts(
 
     Raises ``KeyError`` / ``ValueError`` naming the tensor when a model lacks it or its shape differs.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown merge method {method!r}; choose one of {METHODS}")
+    if method not in MERGE_METHODS:
+        raise ValueError(f"unknown merge method {method!r}; choose one of {MERGE_METHODS}")
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     generator = torch.Generator().manual_seed(seed)

@@ -169,6 +169,24 @@ def test_callback_shortcut_names_a_shipped_config(capsys):
         _expand_shortcut("--trainer.callbacks+=lightning_sr:nope")
 
 
+@pytest.mark.parametrize("name", ["SpeculativeRejectionModule", "PreferenceModule", "SFTModule"])
+def test_public_names_of_our_modules_are_the_packages_lightning_modules(L, name):
+    """``lightning_sr.<Name>``, ``lightning_sr.modules.<Name>`` and the explicit
+    ``lightning_sr.<package>.<Name>`` are subclasses of the package's LightningModule; the class in
+    its defining module is the one written for both packages (see lightning_packages)."""
+    import importlib
+
+    import lightning_sr
+    import lightning_sr.modules
+    from lightning_sr._lazy import LIGHTNING_CLASSES
+
+    written = getattr(importlib.import_module(LIGHTNING_CLASSES[name]), name)
+    explicit = getattr(importlib.import_module(f"lightning_sr.{L.name}"), name)
+    for public in (getattr(lightning_sr, name), getattr(lightning_sr.modules, name), explicit):
+        assert public is explicit and issubclass(public, L.LightningModule) and issubclass(public, written)
+    assert not issubclass(written, L.LightningModule)  # built for a package when instantiated
+
+
 # ---------------------------------------------------------------- one package, import order
 
 BLOCK = "import sys; sys.modules[{name!r}] = None  # as if {name} were not installed\n"

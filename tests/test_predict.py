@@ -131,6 +131,45 @@ def _seconds(record):
     return {key: record["stats"][key] for key in ("generation_seconds", "reward_seconds")}
 
 
+def test_a_partly_written_batch_is_finished_on_resume(L, tmp_path, models, prompt_file):
+    """A batch with only some of its prompts in the output is served again whole: the rest of it is
+    written (not lost), the written prompt is not written twice, and the result is what an
+    uninterrupted run writes (the batch is re-decoded with its own composition and seed)."""
+    def run(output, *callbacks):
+        datamodule = PromptDataModule(str(prompt_file), batch_size=3, completed=str(output))
+        predict(L, small_module(models), datamodule, JSONLPredictionWriter(str(output)), *callbacks)
+
+    reference = tmp_path / "uninterrupted.jsonl"
+    run(reference)
+    output = tmp_path / "predictions.jsonl"  # batches [p0 p1 p2] [p3 p4 p5] [p6]: the 2nd only has p3
+    output.write_text("".join(json.dumps(record) + "\n" for record in read_lines(reference)[:4]))
+    seen = tmp_path / "seen.json"
+    run(output, RecordingCallback(str(seen)))
+    assert [r["id"] for r in read_lines(output)] == [f"p{i}" for i in range(len(PROMPTS))]
+    assert read_lines(output) == [
+        {**record, "stats": {**record["stats"], **_seconds(r)}}
+        for record, r in zip(read_lines(reference), read_lines(output))
+    ]
+    assert json.loads(seen.read_text())["batches"] == 2  # [p3 p4 p5] and [p6]; [p0 p1 p2] skipped
+
+
+def test_resume_with_another_batch_size_writes_every_prompt_once(L, tmp_path, models, prompt_file):
+    """Batches of 2 interrupted after p0-p3, resumed in batches of 3: [p0 p1 p2] is skipped and
+    [p3 p4 p5] is partly written; every prompt still ends in the output exactly once."""
+    output = tmp_path / "predictions.jsonl"
+
+    def run(batch_size, *callbacks):
+        datamodule = PromptDataModule(str(prompt_file), batch_size=batch_size, completed=str(output))
+        predict(L, small_module(models), datamodule, JSONLPredictionWriter(str(output)), *callbacks)
+
+    with pytest.raises(RuntimeError, match="simulated crash at batch 2"):
+        run(2, FailAtBatch(2))
+    assert [r["id"] for r in read_lines(output)] == ["p0", "p1", "p2", "p3"]
+    run(3)
+    ids = [r["id"] for r in read_lines(output)]
+    assert sorted(ids) == sorted(f"p{i}" for i in range(len(PROMPTS))) and len(ids) == len(set(ids))
+
+
 def test_nothing_left_to_do_is_said(L, tmp_path, models, prompt_file, caplog):
     output = tmp_path / "predictions.jsonl"
     for run in range(2):
@@ -388,6 +427,16 @@ def test_a_budget_cpu_cannot_measure_fails_before_the_models_load(L, tmp_path, m
     with pytest.raises(ValueError, match=r"measures free CUDA memory.*--model.schedule.budget_bytes="):
         trainer.predict(module, datamodule=PromptDataModule(str(prompt_file)), return_predictions=False)
     assert loaded == []
+
+
+def test_a_prompt_file_that_is_not_utf8_ends_in_its_file_and_line(tmp_path, models, capsys):
+    """The reader's ``file:line`` message, not the codec error it replaced (``from None``)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"id": 1, "prompt": "ok"}\n{"id": 2, "prompt": "caf\xe9"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(cli_args("predict_sr.yaml", models, bad, writer_file(tmp_path, tmp_path / "out.jsonl")))
+    message = str(exit_info.value.code)
+    assert message.startswith(f"lightning-sr: {bad}:2: not UTF-8 text (byte 0xe9"), message
 
 
 def test_the_readmes_free_memory_budget_parses_to_none(capsys):

@@ -3,6 +3,10 @@
 Each works with ``lightning.pytorch`` and ``pytorch_lightning`` (the class follows the package
 your program imported). Ready-made YAML lists of them ship with the package: see
 :func:`config_path` (``lightning-sr ... --trainer.callbacks+=lightning_sr:memory``).
+
+The public names are the callbacks, :class:`GenerationHooks` (the methods a callback of yours may
+define to follow a generation) and :func:`config_path`; everything else is importable from its
+module (``lightning_sr.callbacks.predictions.summary``, ...).
 """
 
 from pathlib import Path
@@ -18,7 +22,9 @@ if TYPE_CHECKING:
     from lightning_sr.callbacks.predictions import JSONLPredictionWriter
 
 CONFIGS = Path(__file__).parent / "configs"
-"""The shipped callback YAML files (``memory.yaml``, ``online_merging.yaml``, ``predictions.yaml``)."""
+"""The folder of the shipped callback YAML files (``memory.yaml``, ``online_merging.yaml``,
+``predictions.yaml``) that :func:`config_path` names; not in ``__all__``: users name a file with
+:func:`config_path`."""
 
 
 def config_path(name: str) -> Path:
@@ -50,6 +56,5 @@ __all__ = [
     "OnlineMerging",
     "OfflineMerge",
     "GenerationHooks",
-    "CONFIGS",
     "config_path",
 ]

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import override
+
 from lightning_sr.jsonl import dumps, read_records
 from lightning_sr.lightning_packages import BasePredictionWriter
 
@@ -55,14 +57,19 @@ class JSONLPredictionWriter(BasePredictionWriter):
         self.print_summary = True  # the lightning-sr command prints it itself, below the progress bar
 
     @property
+    @override
     def state_key(self) -> str:
+        """One writer's state per output file, so that two writers in one Trainer do not collide."""
         return self._generate_state_key(output_path=str(self.output_path))
 
     def rank_path(self, rank: int) -> Path:
         """The per-process file of ``rank`` in a multi-process run."""
         return self.output_path.with_name(f".{self.output_path.name}.rank{rank}.part")
 
+    @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Before predict: rank 0 sets earlier outputs aside (``resume=False``) or repairs and merges
+        what a killed run left; then every process reads the ids already written and opens its file."""
         if stage != "predict":
             return
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +90,9 @@ class JSONLPredictionWriter(BasePredictionWriter):
                 header = {RANK_FILE_HEADER: {"output": self.output_path.name, "rank": trainer.global_rank}}
                 self._append([json.dumps(header)])
 
+    @override
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+        """Append the batch's predictions whose ids are not in the output yet, synced to disk."""
         lines = []
         for record in prediction if isinstance(prediction, list) else [prediction]:
             if not isinstance(record, dict) or "id" not in record:
@@ -98,7 +107,9 @@ class JSONLPredictionWriter(BasePredictionWriter):
             self._counts["nonfinite"] += nonfinite
         self._append(lines)
 
+    @override
     def on_predict_end(self, trainer, pl_module) -> None:
+        """Close the file, merge the per-process files (rank 0) and make the summary."""
         self._close()
         if trainer.world_size > 1:
             trainer.strategy.barrier("jsonl_writer_merge")
@@ -110,9 +121,11 @@ class JSONLPredictionWriter(BasePredictionWriter):
             if self.print_summary:
                 print(self.summary)
 
+    @override
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._close()
 
+    @override
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._close()
 

@@ -1,27 +1,9 @@
-"""Where a long generation is, shown on Lightning's own progress bar (TQDM or Rich) mid-batch.
+"""Former home of :func:`~lightning_sr.progress.show_status`, kept so that existing imports work.
 
-Speculative rejection decodes a whole batch inside one ``predict_step``, so the bar's batch count
-stands still for minutes; :func:`show_status` writes a short status (tokens, live rows,
-tokens/s, elapsed) next to it while the batch decodes.
+The helper moved to :mod:`lightning_sr.progress`, a neutral place: the module that decodes calls
+it, and modules must not import callbacks (data flows module → callbacks). Import it from there.
 """
 
-from __future__ import annotations
+from lightning_sr.progress import show_status
 
-from typing import Any
-
-
-def show_status(trainer: Any, status: str) -> bool:
-    """Put ``status`` on the trainer's predict progress bar; False when there is no bar to show it."""
-    bar = getattr(trainer, "progress_bar_callback", None)
-    if bar is None or not getattr(bar, "is_enabled", False):
-        return False
-    tqdm_bar = getattr(bar, "_predict_progress_bar", None)  # TQDMProgressBar
-    if tqdm_bar is not None:
-        tqdm_bar.set_postfix_str(status, refresh=True)
-        return True
-    progress, task = getattr(bar, "progress", None), getattr(bar, "predict_progress_bar_id", None)
-    if progress is not None and task is not None:  # RichProgressBar
-        progress.update(task, description=f"{bar.predict_description} [{status}]")
-        bar.refresh()
-        return True
-    return False
+__all__ = ["show_status"]

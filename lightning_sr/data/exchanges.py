@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from lightning_sr.data.loaders import training_loader
 from lightning_sr.lightning_packages import LightningDataModule
@@ -174,12 +175,16 @@ class ExchangeDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ what subclasses define
     def read(self, path: str) -> list:
+        """The checked records of one JSONL file (errors name ``file:line``)."""
         raise NotImplementedError
 
     def encoder(self) -> Callable[[Any], dict]:
+        """What turns one record into a dict of token-id lists (run on access: in the loader's
+        workers when it has any)."""
         raise NotImplementedError
 
     def collator(self, pad_id: int) -> Callable[[list[dict]], dict]:
+        """What pads encoded records into one batch of tensors."""
         raise NotImplementedError
 
     def drop_last(self) -> bool:
@@ -197,7 +202,9 @@ class ExchangeDataModule(LightningDataModule):
         n_val = min(len(records) - 1, max(1, math.ceil(self.val_fraction * len(records))))
         return [records[i] for i in sorted(order[n_val:])], [records[i] for i in sorted(order[:n_val])]
 
+    @override
     def setup(self, stage: str | None = None) -> None:
+        """Load the tokenizer and read, check and split the records (once, on every process)."""
         if self.train_set is not None:
             return
         self.tokenizer = load_tokenizer(self.tokenizer)
@@ -211,7 +218,10 @@ class ExchangeDataModule(LightningDataModule):
         if self.val_set is None:  # no validation: Lightning then skips it instead of warning about it
             self.val_dataloader = None
 
+    @override
     def train_dataloader(self) -> DataLoader:
+        """The training records in a seeded order that checkpoints resume
+        (:func:`~lightning_sr.data.loaders.training_loader`)."""
         return training_loader(
             self.train_set,
             self.batch_size,
@@ -221,7 +231,9 @@ class ExchangeDataModule(LightningDataModule):
             drop_last=self.drop_last(),
         )
 
+    @override
     def val_dataloader(self) -> DataLoader:
+        """The validation records in file order."""
         return DataLoader(
             self.val_set,
             batch_size=self.batch_size,

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from lightning_sr.chat import encode_exchange
 from lightning_sr.data.exchanges import (
@@ -178,15 +179,19 @@ class PreferenceDataModule(ExchangeDataModule):
         seed: seed of the validation split and of the training order.
     """
 
+    @override
     def read(self, path: str) -> list[PreferenceRecord]:
         return read_preferences(path)
 
+    @override
     def encoder(self) -> PreferenceTokenizer:
         return PreferenceTokenizer(self.tokenizer, self.max_length, self.max_prompt_length, self.chat_template)
 
+    @override
     def collator(self, pad_id: int) -> PreferenceCollator:
         return PreferenceCollator(pad_id, self.max_length, self.padding_side)
 
+    @override
     def drop_last(self) -> bool:
         # A last batch of one pair would give KTO no mismatched pair for its KL estimate.
         return self.batch_size > 1 and len(self.train_set) % self.batch_size == 1

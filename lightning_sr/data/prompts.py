@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from lightning_sr.jsonl import read_lines, read_objects, read_records
 from lightning_sr.lightning_packages import LightningDataModule
@@ -100,7 +101,9 @@ class PromptDataModule(LightningDataModule):
         self.completed = completed
         self.prompts: list[dict] | None = None
 
+    @override
     def setup(self, stage: str | None = None) -> None:
+        """Read and check the prompt file (once)."""
         if self.prompts is None:
             self.prompts = read_prompts(self.path, self.prompt_field, self.id_field)[: self.limit]
 
@@ -121,7 +124,9 @@ class PromptDataModule(LightningDataModule):
             )
         return todo
 
+    @override
     def predict_dataloader(self) -> DataLoader:
+        """The batches still to generate (:meth:`batches`), one loader element per batch."""
         # Each element is a whole batch, so batches keep their composition on any number of processes.
         return DataLoader(self.batches(), batch_size=1, shuffle=False, collate_fn=_unwrap)
 

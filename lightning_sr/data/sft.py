@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from lightning_sr.chat import encode_exchange
 from lightning_sr.data.exchanges import (
@@ -113,11 +114,14 @@ class SFTDataModule(ExchangeDataModule):
             loader: a fit resumed mid-epoch sees the same batches as an uninterrupted one).
     """
 
+    @override
     def read(self, path: str) -> list[SFTRecord]:
         return read_sft(path)
 
+    @override
     def encoder(self) -> SFTTokenizer:
         return SFTTokenizer(self.tokenizer, self.max_length, self.max_prompt_length, self.chat_template)
 
+    @override
     def collator(self, pad_id: int) -> SFTCollator:
         return SFTCollator(pad_id, self.padding_side)

@@ -7,8 +7,8 @@ import time
 from typing import Any, Literal
 
 import torch
+from typing_extensions import override
 
-from lightning_sr.callbacks.progress import show_status
 from lightning_sr.chat import encode_prompt
 from lightning_sr.generation import (
     DecodeOptions,
@@ -22,11 +22,13 @@ from lightning_sr.generation import (
 from lightning_sr.generation.schedules import as_schedule
 from lightning_sr.lightning_packages import LightningModule
 from lightning_sr.loading import check_source, load_causal_lm, load_tokenizer, torch_dtype
+from lightning_sr.progress import show_status
 from lightning_sr.rewards import HFRewardModel, RewardModel
 
 log = logging.getLogger(__name__)
 
-METHODS = ("speculative_rejection", "best_of_n")
+GENERATION_METHODS = ("speculative_rejection", "best_of_n")
+"""The values of ``SpeculativeRejectionModule(method=...)``: how the best response per prompt is found."""
 
 
 class SpeculativeRejectionModule(LightningModule):
@@ -90,8 +92,8 @@ class SpeculativeRejectionModule(LightningModule):
         decode_options: DecodeOptions | None = None,
     ):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method not in GENERATION_METHODS:
+            raise ValueError(f"method must be one of {GENERATION_METHODS}, got {method!r}")
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1) (the fraction rejected per decision), got {alpha}")
         if n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
@@ -115,6 +117,7 @@ class SpeculativeRejectionModule(LightningModule):
         self.tokenizer = None
         self.reward: RewardModel | None = None
 
+    @override
     def configure_model(self) -> None:
         """Load the generator, its tokenizer and the reward model (once)."""
         if self.generator is not None:
@@ -133,12 +136,18 @@ class SpeculativeRejectionModule(LightningModule):
             raise TypeError(f"reward_model must be a name, a path or a RewardModel, got {type(reward).__name__}")
         self.reward = reward
 
+    @override
     def on_predict_start(self) -> None:
+        """Make sure the models are loaded (``configure_model`` loads them once) and move the
+        reward model to the module's device: it is not a submodule, so Lightning does not move it."""
         self.configure_model()
         if hasattr(self.reward, "to"):
             self.reward.to(self.device)
 
+    @override
     def predict_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        """The chosen response of every prompt of ``batch`` that fits the generator (see the class
+        docstring), all decoded in one engine call."""
         items = [item for item in batch if self._can_generate(item)]
         if not items:
             return []

@@ -24,8 +24,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from typing_extensions import override
 from torchmetrics.classification import BinaryAccuracy
+from typing_extensions import override
 
 from lightning_sr.lightning_packages import LightningModule, LRSchedulerCallable, OptimizerCallable
 from lightning_sr.loading import load_causal_lm, load_weights
@@ -113,8 +113,10 @@ class PreferenceModule(LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        """Stop before any model loads under a strategy we cannot shard with (FSDP1, DeepSpeed)."""
         check_strategy(self.trainer, type(self).__name__)
 
+    @override
     def configure_model(self) -> None:
         """Load the policy and build the frozen reference (once; later calls do nothing); under
         ``ModelParallelStrategy`` shard both (see ``fsdp_units``)."""
@@ -141,7 +143,9 @@ class PreferenceModule(LightningModule):
         """
         return self._frozen.get("reference")
 
+    @override
     def _apply(self, fn, *args, **kwargs):
+        """``torch.nn.Module._apply`` (``to``, ``cuda``, ``half``, ...), also on the reference."""
         super()._apply(fn, *args, **kwargs)
         if self.reference is not None:
             self.reference._apply(fn, *args, **kwargs)
@@ -155,7 +159,10 @@ class PreferenceModule(LightningModule):
             return self.reference  # the policy as loaded, already in memory (and sharded like it)
         return load_weights(spec, lazy=True)  # read lazily where it can be: set_base takes one tensor (shard) at a time
 
+    @override
     def configure_optimizers(self):
+        """The injected optimizer (or AdamW) over the policy's trainable parameters, given the
+        base model when ``base_model`` is set, and the scheduler stepped every optimizer step."""
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = self.optimizer(params) if self.optimizer is not None else torch.optim.AdamW(params, lr=1e-6)
         if self._specs["base"] is not None:
@@ -231,9 +238,11 @@ class PreferenceModule(LightningModule):
             log(f"{stage}/kl", out["kl"])
         return out["loss"]
 
+    @override
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")
 
+    @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._shared_step(batch, "val")
 

@@ -82,8 +82,10 @@ class SFTModule(LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        """Stop before the model loads under a strategy we cannot shard with (FSDP1, DeepSpeed)."""
         check_strategy(self.trainer, type(self).__name__)
 
+    @override
     def configure_model(self) -> None:
         """Load the model (once; later calls do nothing); under ``ModelParallelStrategy`` shard
         it (see ``fsdp_units``)."""
@@ -92,7 +94,10 @@ class SFTModule(LightningModule):
         self.model.train(self.training)  # from_pretrained returns eval mode; Lightning keeps modes
         shard_for_strategy(self, [self.model], self.fsdp_units)
 
+    @override
     def configure_optimizers(self):
+        """The injected optimizer (or AdamW) over the model's trainable parameters, and the
+        scheduler stepped every optimizer step."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = self.optimizer(params) if self.optimizer is not None else torch.optim.AdamW(params, lr=1e-5)
         if self.scheduler is None:
@@ -103,11 +108,13 @@ class SFTModule(LightningModule):
         """``(loss, response token count)`` of one batch (see :func:`response_nll`)."""
         return response_nll(self.model, batch)
 
+    @override
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, _ = self.compute_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         return loss
 
+    @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, tokens = self.compute_loss(batch)
         # Weighted by the token count, the epoch value is the mean NLL over all validation tokens.
