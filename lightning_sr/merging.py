@@ -27,10 +27,6 @@ MERGE_METHODS = ("linear", "dare", "ties")
 """The offline merge methods ``F`` (module docstring): the values of ``method`` here and of
 :class:`~lightning_sr.callbacks.OfflineMerge`'s ``method``."""
 
-METHODS = MERGE_METHODS
-"""Former name of :data:`MERGE_METHODS`, which says what they are (the generation module has its
-own set of methods); kept while ``lightning_sr/callbacks/offline_merge.py`` still imports it."""
-
 
 def sparsify(delta: Tensor, method: str, density: float, generator: torch.Generator | None = None) -> Tensor:
     """``F(delta)`` for one tensor (see the module docstring)."""

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
+from typing_extensions import override
 
 from lightning_sr.callbacks.memory_csv import CsvBuffer
 from lightning_sr.callbacks.memory_samplers import held_bytes, sampler_for
@@ -126,6 +127,7 @@ class GPUMemoryProfiler(Callback):
         self._reset_stage_state()
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(every_n_steps=self.every_n_steps, dirpath=str(self.dirpath), name=self.name)
 
@@ -137,6 +139,7 @@ class GPUMemoryProfiler(Callback):
 
     # ---------------------------------------------------------------- stage start / end
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._reset_stage_state()
         stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn (a str enum)
@@ -168,9 +171,11 @@ class GPUMemoryProfiler(Callback):
         self._t0 = time.perf_counter()
         self._start_snapshot()
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._finish(snapshot_name=f"{self._prefix}_snapshot_{self._stage}")
 
+    @override
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
@@ -258,29 +263,37 @@ class GPUMemoryProfiler(Callback):
             return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
         return self._seen[phase] - 1
 
+    @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._batch_start(trainer, "train", batch_idx)
 
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._batch_end(trainer, pl_module, "train", batch_idx)
 
+    @override
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self._batch_start(trainer, "validation", batch_idx)
 
+    @override
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ):
         self._batch_end(trainer, pl_module, "validation", batch_idx, dataloader_idx)
 
+    @override
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self._batch_start(trainer, "test", batch_idx)
 
+    @override
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._batch_end(trainer, pl_module, "test", batch_idx, dataloader_idx)
 
+    @override
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self._batch_start(trainer, "predict", batch_idx)
 
+    @override
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._batch_end(trainer, pl_module, "predict", batch_idx, dataloader_idx)
 

@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import nn
+from typing_extensions import override
 
 from lightning_sr.lightning_packages import Callback
 from lightning_sr.loading import load_tokenizer, load_weights
 from lightning_sr.optim.shards import is_sharded
-from lightning_sr.merging import METHODS, merge_state_dicts
+from lightning_sr.merging import MERGE_METHODS, merge_state_dicts
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
@@ -62,8 +63,8 @@ class OfflineMerge(Callback):
         output_dir: str | None = None,
         base_model: str | None = None,
     ):
-        if method not in METHODS:
-            raise ValueError(f"OfflineMerge: method must be one of {METHODS}, got {method!r}")
+        if method not in MERGE_METHODS:
+            raise ValueError(f"OfflineMerge: method must be one of {MERGE_METHODS}, got {method!r}")
         if not 0.0 < density <= 1.0:
             raise ValueError(f"OfflineMerge: density must be in (0, 1], got {density}")
         self.method, self.weight, self.density, self.seed = method, weight, density, seed
@@ -102,6 +103,7 @@ class OfflineMerge(Callback):
         merged.load_state_dict(merged_state)
         return merged
 
+    @override
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         merged = self.merge(pl_module)
