@@ -3,8 +3,9 @@ one part's optional dependencies never slow or break another.
 
 Each package ``__init__`` maps its public names to the modules that define them (and imports the
 same names under ``TYPE_CHECKING`` for type checkers and IDEs). Lightning classes are resolved for
-the program's Lightning package on every lookup (:func:`lightning_sr.lightning_packages.resolve`);
-other names are cached in the package after the first lookup.
+the program's Lightning package on every lookup (:func:`lightning_sr.lightning_packages.resolve`),
+as their defining modules' attributes are; other names are cached in the package after the first
+lookup.
 """
 
 from __future__ import annotations
@@ -60,12 +61,12 @@ def _public(package: str, names) -> list[str]:
 def package_namespace(package: str, lightning_package: str) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """``__getattr__`` and ``__dir__`` of ``lightning_sr.lightning`` / ``lightning_sr.pytorch_lightning``:
     every Lightning class of ours built for that one Lightning package."""
-    from lightning_sr.lightning_packages import for_package
+    from lightning_sr.lightning_packages import for_package, written_class
 
     def __getattr__(name: str) -> Any:
         if name not in LIGHTNING_CLASSES:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        built = for_package(getattr(importlib.import_module(LIGHTNING_CLASSES[name]), name), lightning_package)
+        built = for_package(written_class(name), lightning_package)  # not the attribute: the active package's
         setattr(sys.modules[package], name, built)
         return built
 

@@ -34,8 +34,14 @@ from jsonargparse.typing import import_object
 from typing_extensions import override
 
 from lightning_sr._lazy import LIGHTNING_CLASSES
-from lightning_sr.callbacks.predictions import JSONLPredictionWriter
-from lightning_sr.lightning_packages import LightningCLI, active_package, for_package, import_package, use_package
+from lightning_sr.lightning_packages import (
+    LightningCLI,
+    active_package,
+    for_package,
+    import_package,
+    use_package,
+    written_class,
+)
 
 CALLBACK_SHORTCUT = "lightning_sr:"
 log = logging.getLogger(__name__)
@@ -55,9 +61,9 @@ class LightningSRCLI(LightningCLI):
     @override
     def init_parser(self, **kwargs: Any):
         """LightningCLI's parser, after every class of ours is built for this CLI's package."""
-        for name, module in LIGHTNING_CLASSES.items():
+        for name in LIGHTNING_CLASSES:
             if name != type(self).__name__:
-                for_package(getattr(importlib.import_module(module), name), self._lightning_package)
+                for_package(written_class(name), self._lightning_package)
         importlib.import_module("lightning_sr.optim")  # OnDARE, OnTIES by short name
         return super().init_parser(**kwargs)
 
@@ -73,7 +79,8 @@ class LightningSRCLI(LightningCLI):
                 print(writer.summary)
 
     def _prediction_writers(self) -> list:
-        return [callback for callback in self.trainer.callbacks if isinstance(callback, JSONLPredictionWriter)]
+        writer = written_class("JSONLPredictionWriter")  # of any package: the written class
+        return [callback for callback in self.trainer.callbacks if isinstance(callback, writer)]
 
     def before_fit(self) -> None:
         """Say up front when a short run will validate or checkpoint nothing, and why."""

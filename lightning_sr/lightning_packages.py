@@ -25,23 +25,41 @@ Which package a class is built for:
 4. else ``lightning`` if it is installed, else ``pytorch_lightning``.
 
 The public names (``lightning_sr.SpeculativeRejectionModule``, ``lightning_sr.callbacks.*``, ...)
-resolve by that rule when they are looked up, so a class path in a project's own LightningCLI gets
-the class of that project's package; a name imported before any Lightning package is the written
-class, which builds the right one when it is instantiated. ``lightning_sr.lightning.<Name>`` and
+and the full class paths in the defining modules
+(``lightning_sr.modules.generation.SpeculativeRejectionModule``,
+``lightning_sr.callbacks.predictions.JSONLPredictionWriter``, ...) resolve by that rule when they
+are looked up, so any class path of ours in a project's own LightningCLI gets the class of that
+project's package, and in a process that uses both packages the same path gives each package's
+class while that package is active. ``lightning_sr.lightning.<Name>`` and
 ``lightning_sr.pytorch_lightning.<Name>`` name one package's class explicitly.
+
+How a full class path resolves: when a public class of ours (``_lazy.LIGHTNING_CLASSES``) is
+written, its defining module becomes a :class:`_DefiningModule`, whose attribute lookups
+(``getattr``, ``from ... import``, jsonargparse's ``import_object``, pickle's check) resolve the
+class; the module's own code reads its globals, which keep the written class, and
+:func:`written_class` gives it to other code of ours (the explicit names, the CLI). Built classes
+keep their ``__module__`` (``lightning_sr.lightning``, ``lightning_sr.pytorch_lightning``), so the
+class paths written in saved configs and checkpoint hyperparameters do not change. Pickle, which
+checks ``getattr(module, qualname) is cls``, saves a written class through a :mod:`copyreg`
+reducer (by :func:`written_class`) and an instance by its written class and package
+(``__reduce_ex__``). Base classes written to be subclassed (the stand-ins here,
+``lightning_sr.data.exchanges.ExchangeDataModule``) do not resolve: our subclasses and a
+project's are written on them for both packages.
 
 Which names are subclasses of a package's base: ``issubclass(C, lightning.pytorch.LightningModule)``
 is decided by ``C.__mro__`` alone (the real bases' metaclass is plain ``type``: no
 ``__subclasscheck__`` to answer otherwise, no ABC ``register``), and a class's MRO is fixed when its
-``class`` statement runs. So the explicit names, and the public names once the package is known,
-are subclasses of their package's base; the name in the defining module
-(``lightning_sr.modules.generation.SpeculativeRejectionModule``) is the written class, a subclass
-of neither package's base, and so is a public name imported before any Lightning package. An
-instance is always of the built class (``isinstance`` holds). The written class cannot be a
-subclass at import without being built for one package when it is defined: that would choose
-before a program's own later ``import pytorch_lightning`` (isort order puts ours first), and would
-fix one package for a process that runs both (the test suite does). For ``issubclass`` checks and
-LightningCLI class paths, use the public or the explicit name.
+``class`` statement runs. So every name above is, once the package is known, a subclass of its
+package's base; the written class is a subclass of neither, and so is a name looked up before any
+Lightning package is chosen (an import at the top of a program, before its own ``import
+pytorch_lightning``): that is the written class, which builds the right one when it is
+instantiated. An instance is always of the built class (``isinstance`` holds). A name, once bound,
+keeps the class it got: code that runs under both packages looks our classes up when it uses them,
+or binds them before any Lightning package (as the test suite's imports do) and so keeps the
+written class. The written class cannot be a subclass at import without being built for one
+package when it is defined: that would choose before a program's own later ``import
+pytorch_lightning`` (isort order puts ours first), and would fix one package for a process that
+runs both (the test suite does).
 """
 
 from __future__ import annotations
@@ -52,11 +70,14 @@ import os
 import sys
 import warnings
 from importlib.util import find_spec
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from typing_extensions import override
+
+from lightning_sr._lazy import LIGHTNING_CLASSES
 
 PACKAGES = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
 """Our name of each Lightning package (as in ``$LIGHTNING_SR_PACKAGE``) and its module."""
@@ -66,6 +87,35 @@ _BUILT: dict[tuple[type, str], type] = {}
 _IMPORTED_HERE: set[str] = set()  # packages this module imported (not the program)
 _CHOSEN: list[str] = []  # set by use_package
 _WARNED_BOTH = False
+
+
+class _DefiningModule(ModuleType):
+    """The module that writes a public Lightning class of ours (``lightning_sr.modules.generation``,
+    ...). Looked up as its attribute (``getattr``, ``from ... import``, jsonargparse's class paths),
+    the class is resolved (:func:`resolve`) like the public names; the module's own code reads its
+    globals, which keep the written class."""
+
+    @override
+    def __getattribute__(self, name: str) -> Any:
+        value = super().__getattribute__(name)
+        if name in LIGHTNING_CLASSES and _is_public_written(value):
+            return resolve(value)
+        return value
+
+
+def _is_public_written(cls: Any) -> bool:
+    """Whether ``cls`` is one of our public Lightning classes as written, in its defining module."""
+    return (
+        isinstance(cls, type)
+        and getattr(cls, "_lightning_package", "") is None
+        and LIGHTNING_CLASSES.get(cls.__qualname__) == cls.__module__
+    )
+
+
+def written_class(name: str) -> type:
+    """Our public Lightning class ``name`` as written, built for no package: what its defining
+    module's own code sees (the module's attribute is resolved, see :class:`_DefiningModule`)."""
+    return vars(importlib.import_module(LIGHTNING_CLASSES[name]))[name]
 
 
 if TYPE_CHECKING:  # type checkers and IDEs see the unified package's classes
@@ -97,10 +147,19 @@ else:
             return super().__new__(cls)
 
         @override
+        def __init_subclass__(cls, **kwargs: Any) -> None:
+            super().__init_subclass__(**kwargs)
+            if _is_public_written(cls):
+                module = sys.modules[cls.__module__]
+                if not isinstance(module, _DefiningModule):
+                    module.__class__ = _DefiningModule  # its attribute resolves, its globals do not
+
+        @override
         def __reduce_ex__(self, protocol: int):
             """Pickle an instance by its written class and package, not by the built class's name
             (which a class written outside lightning-sr has nowhere to be found by): ``ddp_spawn``
-            pickles the module and callbacks."""
+            pickles the module and callbacks. The written class itself pickles as pickle saves a
+            class, or, for ours, whose module attribute is the built class, by :func:`_reduce_class`."""
             reduced = super().__reduce_ex__(protocol)
             built = type(self)
             if built._lightning_package is None or not isinstance(reduced, tuple) or reduced[0] is not copyreg.__newobj__:
@@ -137,6 +196,17 @@ else:
         """Stand-in for ``strategies.ModelParallelStrategy``."""
 
         _real_base = "strategies.ModelParallelStrategy"
+
+    def _reduce_class(cls: type) -> Any:
+        """How pickle saves a class on a stand-in base (registered with :mod:`copyreg`): a public
+        written class of ours by :func:`written_class` (pickle's own check, ``getattr(module,
+        qualname) is cls``, fails for it: that attribute is the built class); any other one by
+        reference, as pickle always does."""
+        if _is_public_written(cls):
+            return written_class, (cls.__qualname__,)
+        return cls.__qualname__
+
+    copyreg.pickle(_BuildsOnDemand, _reduce_class)
 
 
 def _new_built(written: type, package: str, *args: Any) -> Any:

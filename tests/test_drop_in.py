@@ -113,18 +113,26 @@ def test_base_model_from_a_checkpoint_of_the_same_project(L, tmp_path):
     torch.testing.assert_close(state["tau_val"], tau[state["tau_idx"].long()])
 
 
-def test_speculative_rejection_predict_in_a_projects_cli(L, tmp_path):
+@pytest.mark.parametrize("paths", ["public names", "full paths"])
+def test_speculative_rejection_predict_in_a_projects_cli(L, tmp_path, paths):
     generator, reward = save_tiny_generator(tmp_path / "g"), save_tiny_reward(tmp_path / "r")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(["thanks", "hi you"])))
     output = tmp_path / "predictions.jsonl"
+    model, data, writer = {
+        "public names": ("lightning_sr.SpeculativeRejectionModule", "lightning_sr.data.PromptDataModule",
+                         "lightning_sr.callbacks.JSONLPredictionWriter"),
+        "full paths": ("lightning_sr.modules.generation.SpeculativeRejectionModule",
+                       "lightning_sr.data.prompts.PromptDataModule",
+                       "lightning_sr.callbacks.predictions.JSONLPredictionWriter"),
+    }[paths]
     L.sub("cli").LightningCLI(
         args=[
-            "predict", "--model=lightning_sr.SpeculativeRejectionModule", f"--model.generator={generator}",
+            "predict", f"--model={model}", f"--model.generator={generator}",
             f"--model.reward_model={reward}", "--model.n=4", "--model.schedule=FixedSchedule",
             "--model.schedule.lengths=[2]", "--model.sampling.max_new_tokens=4",
-            "--data=lightning_sr.data.PromptDataModule", f"--data.path={prompts}",
-            "--trainer.callbacks+=lightning_sr.callbacks.JSONLPredictionWriter",
+            f"--data={data}", f"--data.path={prompts}",
+            f"--trainer.callbacks+={writer}",
             f"--trainer.callbacks.output_path={output}", "--trainer.logger=false",
             "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
         ],
@@ -171,20 +179,118 @@ def test_callback_shortcut_names_a_shipped_config(capsys):
 
 @pytest.mark.parametrize("name", ["SpeculativeRejectionModule", "PreferenceModule", "SFTModule"])
 def test_public_names_of_our_modules_are_the_packages_lightning_modules(L, name):
-    """``lightning_sr.<Name>``, ``lightning_sr.modules.<Name>`` and the explicit
-    ``lightning_sr.<package>.<Name>`` are subclasses of the package's LightningModule; the class in
-    its defining module is the one written for both packages (see lightning_packages)."""
+    """``lightning_sr.<Name>``, ``lightning_sr.modules.<Name>``, the full path in the defining module
+    and the explicit ``lightning_sr.<package>.<Name>`` are the package's LightningModule subclass;
+    the class as written (the defining module's own global) is built for a package when
+    instantiated (see lightning_packages)."""
     import importlib
 
     import lightning_sr
     import lightning_sr.modules
     from lightning_sr._lazy import LIGHTNING_CLASSES
+    from lightning_sr.lightning_packages import written_class
 
-    written = getattr(importlib.import_module(LIGHTNING_CLASSES[name]), name)
+    defining = importlib.import_module(LIGHTNING_CLASSES[name])
+    written = vars(defining)[name]
+    assert written is written_class(name)
     explicit = getattr(importlib.import_module(f"lightning_sr.{L.name}"), name)
-    for public in (getattr(lightning_sr, name), getattr(lightning_sr.modules, name), explicit):
+    for public in (getattr(lightning_sr, name), getattr(lightning_sr.modules, name), getattr(defining, name), explicit):
         assert public is explicit and issubclass(public, L.LightningModule) and issubclass(public, written)
     assert not issubclass(written, L.LightningModule)  # built for a package when instantiated
+
+
+def _real_base(L, name: str) -> type:
+    """The base in ``L`` that our public Lightning class ``name`` is built on."""
+    from lightning_sr._lazy import LIGHTNING_CLASSES
+
+    module = LIGHTNING_CLASSES[name]
+    if module.startswith("lightning_sr.modules."):
+        return L.LightningModule
+    if module.startswith("lightning_sr.data."):
+        return L.LightningDataModule
+    if module.startswith("lightning_sr.callbacks."):
+        return L.Callback
+    others = {"LightningSRCLI": L.sub("cli").LightningCLI, "FSDP2Strategy": L.sub("strategies").ModelParallelStrategy}
+    return others[name]
+
+
+def test_full_class_paths_are_the_packages_classes(L):
+    """Every class of ours, looked up in its defining module as jsonargparse and ``issubclass``
+    users do (``lightning_sr.callbacks.predictions.JSONLPredictionWriter``, ...), is the class built
+    for the active package, a subclass of that package's base."""
+    import importlib
+
+    from lightning_sr._lazy import LIGHTNING_CLASSES
+    from lightning_sr.data.prompts import PromptDataModule  # bound now: built for L
+    from lightning_sr.lightning_packages import written_class
+
+    assert issubclass(PromptDataModule, L.LightningDataModule)
+    for name, module in LIGHTNING_CLASSES.items():
+        full = getattr(importlib.import_module(module), name)
+        assert full is getattr(importlib.import_module(f"lightning_sr.{L.name}"), name), name
+        assert issubclass(full, _real_base(L, name)) and not issubclass(written_class(name), _real_base(L, name)), name
+        assert full.__module__ == f"lightning_sr.{L.name}" and full.__qualname__ == name  # pickle's path, unchanged
+
+
+def test_a_full_class_path_follows_the_active_package(monkeypatch):
+    """In a process using both packages the same full path gives each package's class in turn, and
+    the defining module's own code keeps the class written for both."""
+    import importlib
+
+    import lightning.pytorch
+    import pytorch_lightning
+
+    import lightning_sr.callbacks.predictions as predictions
+
+    bases = {"lightning": lightning.pytorch.callbacks.BasePredictionWriter,
+             "pytorch_lightning": pytorch_lightning.callbacks.BasePredictionWriter}
+    for package, base in [*bases.items(), *bases.items()]:
+        monkeypatch.setenv(PACKAGE_ENV, package)
+        writer = predictions.JSONLPredictionWriter
+        assert issubclass(writer, base) and writer.__module__ == f"lightning_sr.{package}"
+        assert not any(issubclass(writer, other) for other in bases.values() if other is not base)
+        for explicit, other in bases.items():  # an explicit name is built from the written class, not the attribute
+            namespace = importlib.import_module(f"lightning_sr.{explicit}")
+            vars(namespace).pop("JSONLPredictionWriter", None)  # first lookup while another package is active
+            assert issubclass(namespace.JSONLPredictionWriter, other)
+    assert vars(predictions)["JSONLPredictionWriter"]._lightning_package is None
+
+
+def test_our_classes_and_their_instances_survive_pickling(L, tmp_path):
+    """pickle checks ``getattr(module, qualname) is cls``: a written class of ours (its module's
+    attribute is the built class) still pickles, and an instance comes back as the same package's."""
+    import pickle
+
+    from lightning_sr.lightning_packages import written_class
+
+    written = written_class("JSONLPredictionWriter")
+    assert pickle.loads(pickle.dumps(written)) is written
+    built = getattr(__import__(f"lightning_sr.{L.name}", fromlist=["x"]), "JSONLPredictionWriter")
+    assert pickle.loads(pickle.dumps(built)) is built
+    for writer in (written(output_path=str(tmp_path / "a.jsonl")), built(output_path=str(tmp_path / "b.jsonl"))):
+        copy = pickle.loads(pickle.dumps(writer))
+        assert type(copy) is type(writer) and isinstance(copy, L.Callback) and copy.output_path == writer.output_path
+
+
+def test_a_projects_cli_takes_full_class_paths_from_yaml(L, tmp_path):
+    """A project's own LightningCLI, given our classes by their full paths in a config."""
+    import yaml
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"class_path": "lightning_sr.modules.preference.PreferenceModule", "init_args": {"policy": "x"}},
+        "data": {"class_path": "lightning_sr.data.preferences.PreferenceDataModule",
+                 "init_args": {"path": "x", "tokenizer": "x"}},
+        "trainer": {"callbacks": [{"class_path": "lightning_sr.callbacks.memory.GPUMemoryProfiler"},
+                                  {"class_path": "lightning_sr.callbacks.offline_merge.OfflineMerge",
+                                   "init_args": {"base_model": "x", "output_dir": str(tmp_path / "merged")}}],
+                    "logger": False, "accelerator": "cpu", "default_root_dir": str(tmp_path)},
+    }))
+    cli = L.sub("cli").LightningCLI(run=False, save_config_callback=None, args=[f"--config={config}"])
+    assert isinstance(cli.model, L.LightningModule) and isinstance(cli.datamodule, L.LightningDataModule)
+    names = {type(c).__name__: c for c in cli.trainer.callbacks}
+    assert isinstance(names["GPUMemoryProfiler"], L.Callback) and isinstance(names["OfflineMerge"], L.Callback)
+    assert cli.config.model.class_path == "lightning_sr.modules.preference.PreferenceModule"
 
 
 # ---------------------------------------------------------------- one package, import order
@@ -252,6 +358,25 @@ def test_our_cli_runs_on_the_only_installed_package():
 def test_with_both_installed_our_classes_follow_the_programs_import(program, expected):
     out = python(program + "\nprint(type(SpeculativeRejectionModule(n=2)).__module__)")
     assert out == f"lightning_sr.{expected}"
+
+
+def test_a_program_on_one_package_gets_that_packages_class_from_full_paths():
+    """No environment variable, both packages installed: a ``pytorch_lightning`` program's
+    ``issubclass`` checks on classes imported from our defining modules hold; one imported before
+    the program's ``import pytorch_lightning`` is the written class, built when instantiated."""
+    out = python(
+        """
+        from lightning_sr.callbacks.predictions import JSONLPredictionWriter as early
+        import pytorch_lightning as pl
+        from lightning_sr.modules.generation import SpeculativeRejectionModule
+        from lightning_sr.data.prompts import PromptDataModule
+        from lightning_sr.callbacks.predictions import JSONLPredictionWriter
+        print(issubclass(SpeculativeRejectionModule, pl.LightningModule),
+              issubclass(PromptDataModule, pl.LightningDataModule), issubclass(JSONLPredictionWriter, pl.Callback),
+              issubclass(early, pl.Callback), type(early()).__module__)
+        """
+    )
+    assert out == "True True True False lightning_sr.pytorch_lightning"  # imported before: built when used
 
 
 def test_the_environment_variable_chooses_the_package():

@@ -1,11 +1,11 @@
 """LightningModules: generation with speculative rejection, supervised fine-tuning, preference training (both Lightning packages).
 
-Each name here (and on ``lightning_sr``) is, once the Lightning package is known (your program
-imported it, or ``$LIGHTNING_SR_PACKAGE`` chose it), the class built for that package:
-``issubclass(lightning_sr.modules.SFTModule, lightning.pytorch.LightningModule)`` holds. The same name in its defining module
-(``lightning_sr.modules.sft.SFTModule``) is the class written once for both packages: its
-instances are of the built class, but it is a subclass of neither package's ``LightningModule``
-(why: :mod:`lightning_sr.lightning_packages`).
+Each name here (on ``lightning_sr``, and in its defining module: ``lightning_sr.modules.sft.SFTModule``)
+is, once the Lightning package is known (your program imported it, or ``$LIGHTNING_SR_PACKAGE``
+chose it), the class built for that package:
+``issubclass(lightning_sr.modules.sft.SFTModule, lightning.pytorch.LightningModule)`` holds. Looked up
+before, it is the class written once for both packages, whose instances are of the built class
+(how: :mod:`lightning_sr.lightning_packages`).
 """
 
 from typing import TYPE_CHECKING
