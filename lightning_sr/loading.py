@@ -127,8 +127,9 @@ def load_weights(source: Any, lazy: bool = False, **kwargs) -> Mapping[str, torc
 
     - a ``torch.nn.Module`` or a mapping of tensors: used as they are;
     - a ``.safetensors`` file;
-    - a Lightning ``.ckpt`` (its ``state_dict``) or any ``torch.save`` file of a state dict
-      (loaded with ``weights_only=True``, memory-mapped: pages are read when used);
+    - a Lightning ``.ckpt`` (its ``state_dict``), a litgpt / Fabric ``lit_model.pth`` (its
+      ``model``) or any ``torch.save`` file of a state dict (loaded with ``weights_only=True``,
+      memory-mapped: pages are read when used);
     - anything else: a hub id, a Hugging Face folder or an embedded name, loaded with
       :func:`load_causal_lm` in the checkpoint's own dtype (``kwargs`` go to ``from_pretrained``).
 
@@ -161,7 +162,10 @@ def load_weights(source: Any, lazy: bool = False, **kwargs) -> Mapping[str, torc
             state = torch.load(_existing(path), map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError:
             raise ValueError(f"{path} holds Python objects, not only tensors: save a state_dict() instead") from None
-        state = state.get("state_dict", state) if isinstance(state, Mapping) else state
+        for key in ("state_dict", "model"):  # a Lightning .ckpt; litgpt's / Fabric's {"model": ...}
+            if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+                state = state[key]
+                break
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{path} holds no state dict of tensors (a Lightning .ckpt or a torch.save of one)")
         return state

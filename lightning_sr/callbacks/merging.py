@@ -9,6 +9,11 @@ loads the base once, calls :meth:`~lightning_sr.optim.OnlineMergingOptimizer.set
 online merging optimizer of the module (parameters matched by name, module prefixes such as
 ``policy.`` aligned), and releases the base again.
 
+Outside Lightning (plain PyTorch, Fabric, litgpt, Hugging Face ``Trainer``) or with LightningCLI's
+``--optimizer`` alone, the optimizers take the base themselves, ``OnDARE(..., base_model=...)``, and
+set it at their first step. The two routes give the same τ̃ and the same updates; with both, this
+callback's base is the one used.
+
 On resume the optimizer state from the checkpoint (τ̃, generator state) replaces what is set here,
 because Lightning restores optimizer states after ``on_fit_start`` (the base is still loaded, so it
 must stay reachable). τ is computed from the weights at fit start: continue a run by resuming from
@@ -51,21 +56,31 @@ class OnlineMerging(Callback):
         load_kwargs: extra keyword arguments for ``from_pretrained`` when ``base_model`` is a
             model name or folder (e.g. ``{"revision": "main"}``).
 
-    Parameters are matched to the base by name; a LightningModule that holds the Hugging Face
+        rename: maps parameter-name prefixes of the LightningModule to the base's, for what the
+            name matching cannot pair (a prefix mapped to null trains with plain AdamW); by default
+            the optimizer's own ``rename``.
+
+    Parameters are matched to the base by name (the LightningModule names them): identical
+    names, else the longest unique dotted suffix of equal shape, with wrappers (``_orig_mod.``,
+    FSDP's and activation checkpointing's) ignored. A LightningModule that holds the Hugging Face
     model as ``self.policy`` (names ``policy.model.layers.0...``) matches a base whose names are
-    ``model.layers.0...``. Parameters without a counterpart (a new head) train with plain AdamW
-    and are listed once in the log; if nothing matches, or a matched shape differs, fit stops
-    with an error naming the parameters.
+    ``model.layers.0...``, and a reward model around the SFT network
+    (``model._orig_mod.backbone.transformer...``) matches the SFT checkpoint
+    (``model._orig_mod.transformer...``). Parameters without a counterpart (a new head) train
+    with plain AdamW and are listed once in the log (and in each optimizer's ``base_match``); if
+    nothing matches, or a matched shape differs, fit stops with an error naming the parameters.
     """
 
     def __init__(
         self,
         base_model: str | nn.Module | dict[str, torch.Tensor],
         load_kwargs: dict[str, Any] | None = None,
+        rename: dict[str, str | None] | None = None,
     ):
         super().__init__()
         self.base_model = base_model
         self.load_kwargs = dict(load_kwargs or {})
+        self.rename = rename
         self.reports: list = []
 
     @override
@@ -81,13 +96,13 @@ class OnlineMerging(Callback):
                 "Set its optimizer to lightning_sr.optim.OnDARE or lightning_sr.optim.OnTIES."
             )
             return
+        for optimizer in optimizers:
+            if optimizer._base["source"] is not None:
+                rank_zero_info(
+                    f"OnlineMerging: {type(optimizer).__name__} was given its own base_model; the "
+                    "callback's base_model is used instead"
+                )
         base = load_weights(self.base_model, lazy=True, **self.load_kwargs)
-        self.reports = [optimizer.set_base(pl_module, base) for optimizer in optimizers]
+        # Each optimizer logs what it paired (once, on rank 0) and keeps it as ``base_match``.
+        self.reports = [optimizer.set_base(pl_module, base, rename=self.rename) for optimizer in optimizers]
         del base
-        for optimizer, report in zip(optimizers, self.reports):
-            kept = f"{report.kept / max(report.dense, 1):.4f}"
-            rank_zero_info(
-                f"OnlineMerging: {type(optimizer).__name__} merges {len(report.matched)} parameters "
-                f"with the base (stored τ̃ keeps {kept} of their elements)"
-                + (f"; plain AdamW for {report.unmatched}" if report.unmatched else "")
-            )

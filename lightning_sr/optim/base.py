@@ -11,27 +11,37 @@ Everything else is here:
 - the per-parameter state, created on first use (:mod:`.adam`'s moments, an fp32 master copy of
   half-precision parameters, OnDARE's random stream, step-K's buffer), and its checkpointed form
   (:mod:`.state_dict`);
-- ``set_base``: pairing the parameters with the base (:mod:`.reference`, by name through
-  :mod:`.names`) and storing τ̃;
+- ``set_base``: pairing the parameters with the base (:mod:`.reference`: by name through
+  :mod:`.names`, or by position for bare parameters) and storing τ̃; or, with ``base_model``
+  given at construction, the same at the first ``step`` (:meth:`~OnlineMergingOptimizer._base_at_first_step`);
 - ``step``: the AdamW moments and decay of a param group with foreach kernels, then per
   parameter a plain, an accumulated or a merging update. Step-K (``merge_every=K``, the paper's
   Alg. 2) is the few lines of ``_update`` that accumulate K − 1 plain Adam steps and roll them
   back before the merge, so it stays with the update rather than in a module of its own.
+
+At about 500 lines this module is over the project's 400-line guide, knowingly: it is one state
+machine (a parameter's state is created, checkpointed, given its τ̃ and stepped here), and
+splitting it would spread one parameter's state over several modules. The pieces without state
+live apart: pairing (:mod:`.reference`, :mod:`.names`), the Adam math (:mod:`.adam`), the saved
+form (:mod:`.state_dict`), the sparsifiers (:mod:`.sparsify`), the shards (:mod:`.shards`).
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Mapping
 from itertools import chain
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
 from lightning_sr.optim.adam import AdamDelta, update_moments
 from lightning_sr.optim.online_merging import arguments_doc, check_hyperparameters, log
-from lightning_sr.optim.reference import BaseMatch, pair_with_base
+from lightning_sr.optim.reference import BaseMatch, load_base, ordered_base, pair_by_position, pair_with_base
 from lightning_sr.optim.shards import FlatShard, base_part, flat_shard, is_sharded, local
 from lightning_sr.optim.sparsify import index_dtype
 from lightning_sr.optim.state_dict import restored_entry, saved_entry
@@ -62,6 +72,13 @@ class OnlineMergingOptimizer(Optimizer):
     ``__init__`` and publishes them with :func:`extended_signature`. Every param group's
     hyperparameters are validated when it is added.
 
+    Where the base model comes from: ``base_model`` here (any training loop: plain PyTorch,
+    Fabric, litgpt, LightningCLI's ``--optimizer``, Hugging Face ``Trainer``; τ is computed at the
+    first :meth:`step`), or :meth:`set_base` (what the ``OnlineMerging`` callback calls at fit
+    start). Parameters given with names (``model.named_parameters()``, or param groups of
+    ``(name, parameter)`` pairs: torch's named param groups) are matched with the base by name,
+    bare ones (``model.parameters()``) by position. :attr:`base_match` reports what was paired.
+
 {arguments_doc()}"""
 
     _uses_rng = False
@@ -78,23 +95,60 @@ class OnlineMergingOptimizer(Optimizer):
         merge_weight: float = 1e-7,
         merge_every: int = 1,
         seed: int = 0,
+        *,
+        base_model: str | nn.Module | dict[str, torch.Tensor] | None = None,
+        base_load_kwargs: dict[str, Any] | None = None,
+        rename: dict[str, str | None] | None = None,
     ):
         hyperparameters = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, keep_rate=keep_rate,
             merge_weight=merge_weight, merge_every=merge_every, seed=seed,
         )
+        if isinstance(base_model, os.PathLike):
+            base_model = os.fspath(base_model)
+        # Not hyperparameters of the param groups: a state dict or module does not belong in
+        # state_dict()'s param_groups, and a resumed run needs none of them (τ̃ is in the state).
+        # One dict, mutated in place and never rebound: a wrapper holding a copy of this
+        # ``__dict__`` (as Fabric's optimizer wrapper once did) still sees what the first step
+        # records here (``base_match``).
+        self._base: dict[str, Any] = {"source": base_model, "load_kwargs": dict(base_load_kwargs or {}), "match": None}
+        self.rename = dict(rename or {})
         super().__init__(params, {**hyperparameters, **self._extra_defaults})
         self._generators: dict[torch.device, torch.Generator] = {}
         self._shards: dict[int, FlatShard] = {}
         self._planned: dict[int, torch.Tensor] = {}  # this step's kept indices of Δ, by state (OnTIES)
         self._create_sharded_state()
 
-    def __setstate__(self, state: dict) -> None:  # copy / pickle keep only torch's own fields
+    @property
+    def base_match(self) -> BaseMatch | None:
+        """What the last :meth:`set_base` paired (also at the first step, from ``base_model``):
+        the pairs, the parameters left as plain AdamW and why; None before any base is set."""
+        return self._base["match"]
+
+    def __getstate__(self) -> dict:  # torch's own fields, and where the base comes from
+        return {**super().__getstate__(), "_base": self._base, "rename": self.rename}
+
+    def __setstate__(self, state: dict) -> None:  # copy / pickle keep only the fields above
         super().__setstate__(state)
         self._generators, self._shards, self._planned = {}, {}, {}
+        self.__dict__.setdefault("_base", {"source": None, "load_kwargs": {}, "match": None})
+        self.__dict__.setdefault("rename", {})
 
     def add_param_group(self, param_group: dict) -> None:
+        """Validate and add a param group; ``(name, parameter)`` pairs become torch's named group
+        (``params`` and ``param_names``) on any torch version, so the names can pair with the
+        base's."""
         check_hyperparameters(type(self).__name__, {**self.defaults, **param_group})
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if params and all(isinstance(p, tuple) and len(p) == 2 for p in params):
+            param_group = {**param_group, "params": [p for _, p in params], "param_names": [n for n, _ in params]}
+        elif any(isinstance(p, tuple) for p in params):
+            raise ValueError(
+                f"{type(self).__name__}: a param group mixes (name, parameter) pairs with bare parameters"
+            )
+        else:
+            param_group = {**param_group, "params": params}
         super().add_param_group(param_group)
         if hasattr(self, "_shards"):  # a group added after construction
             self._create_sharded_state()
@@ -218,18 +272,31 @@ class OnlineMergingOptimizer(Optimizer):
     # ---------------------------------------------------------------- base -----------------------
 
     @torch.no_grad()
-    def set_base(self, model: nn.Module, base: nn.Module | Mapping[str, torch.Tensor]) -> BaseMatch:
+    def set_base(
+        self,
+        model: nn.Module | None,
+        base: nn.Module | Mapping[str, torch.Tensor],
+        rename: Mapping[str, str | None] | None = None,
+    ) -> BaseMatch:
         """Compute and store the sparsified reference delta τ̃ from the base model.
 
-        ``model`` is the module whose parameters this optimizer holds (it names them; a
-        LightningModule wrapping the policy works, prefixes are aligned by
-        :func:`~lightning_sr.optim.names.align_names`);
-        ``base`` is the pre-trained model the policy was fine-tuned from, as a module or a state
-        dict. For each trainable parameter τ = current value − base value (the policy starts at
-        the SFT weights, so this is τ_r = θ_SFT − θ_base), sparsified once and stored as kept
+        ``model`` is the module whose parameters this optimizer holds: it names them (a
+        LightningModule wrapping the policy works; prefixes, inner segments and wrappers are
+        aligned by :func:`~lightning_sr.optim.names.match_names`, the longest unique dotted
+        suffix of equal shape). ``None`` uses the optimizer's own names (built from
+        ``model.named_parameters()``), or pairs bare parameters by position with the base's
+        tensors in module order (:func:`~lightning_sr.optim.reference.pair_by_position`, every
+        shape checked). ``base`` is the pre-trained model the policy was fine-tuned from, as a
+        module or a state dict. ``rename`` (default: the optimizer's ``rename``) maps name
+        prefixes the matching cannot pair to the base's, or to None for plain AdamW.
+
+        For each trainable parameter τ = current value − base value (the policy starts at the
+        SFT weights, so this is τ_r = θ_SFT − θ_base), sparsified once and stored as kept
         indices and values. Parameters without a base counterpart get plain AdamW updates (they
-        are listed in the returned :class:`BaseMatch`); a shape mismatch raises ``ValueError``
-        naming the parameter, before any state changes. Frozen parameters are skipped.
+        are listed, with the reason, in the returned :class:`BaseMatch`, which is also
+        :attr:`base_match` and logged once); a shape mismatch raises ``ValueError`` naming the
+        parameter, before any state changes. Frozen parameters are skipped. A ``base_model``
+        given at construction and not used yet is replaced by this base.
 
         τ must come from the weights *before* training. A parameter that has already taken steps
         keeps the τ̃ in the optimizer state, so calling ``set_base`` after ``load_state_dict``
@@ -245,23 +312,27 @@ class OnlineMergingOptimizer(Optimizer):
         (:func:`lightning_sr.loading.load_weights` of a ``.safetensors`` file or a Hugging Face
         folder reads only those rows), so no rank needs the whole base in memory at once.
         """
-        base_tensors = base.state_dict() if isinstance(base, nn.Module) else base
-        names = {id(p): n for n, p in model.named_parameters()}
-        positions = self._positions()
         cls = type(self).__name__
-        entries = []
-        for group in self.param_groups:
-            for param in group["params"]:
-                if id(param) not in names:
-                    raise ValueError(
-                        f"{cls}.set_base: parameter #{positions[id(param)]} of shape "
-                        f"{tuple(param.shape)} is not a parameter of the given model; pass the "
-                        "module whose parameters the optimizer was built from"
-                    )
-                if param.requires_grad:
-                    entries.append((group, param, names[id(param)]))
-        pairs = pair_with_base(cls, {name: param for _, param, name in entries}, base_tensors, self.state)
-        report = BaseMatch()
+        positions = self._positions()
+        rename = self.rename if rename is None else dict(rename)
+        labels = self._labels(model)
+        if labels is None:  # bare parameters: the i-th parameter with the base's i-th tensor
+            ordered = ordered_base(base)
+            params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+            by_position, unpaired = pair_by_position(cls, params, ordered, self.state)
+            labels = {id(p): f"#{i}" for i, p in enumerate(params)}
+            base_tensors = dict(ordered)
+            pairs = {f"#{i}": name for i, name in by_position.items()}
+            reasons = {f"#{i}": why for i, why in unpaired.items()}
+            by = "position"
+        else:
+            base_tensors = base.state_dict() if isinstance(base, nn.Module) else base
+            trainable = {labels[id(p)]: p for g in self.param_groups for p in g["params"] if p.requires_grad}
+            pairs, reasons = pair_with_base(cls, trainable, base_tensors, self.state, rename)
+            by = "name"
+        self._base["source"] = None  # this base replaces one given at construction
+        entries = [(g, p, labels[id(p)]) for g in self.param_groups for p in g["params"] if p.requires_grad]
+        report = BaseMatch(by=by)
         for group, param, name in entries:
             state = self._state_for(param, group, positions[id(param)])
             if state["step"] > 0:  # trained: keep the stored τ̃ (or plain AdamW) as it is
@@ -273,6 +344,7 @@ class OnlineMergingOptimizer(Optimizer):
                 state["plain"] = True
                 state.pop("accumulated", None)
                 report.unmatched.append(name)
+                report.reasons[name] = reasons.get(name, "no counterpart in the base")
                 continue
             state.pop("plain", None)
             if self._uses_rng:  # M₀ from the start of the stream, however often set_base is called
@@ -296,7 +368,54 @@ class OnlineMergingOptimizer(Optimizer):
                 cls,
                 len(report.restored),
             )
+        self._base["match"] = report
+        if not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0:
+            log.info("%s", report.summary(cls))
         return report
+
+    def _labels(self, model: nn.Module | None) -> dict[int, str] | None:
+        """Each parameter's name (by ``id``): from ``model``, else from the optimizer's named
+        param groups; None when the parameters are bare (they pair by position)."""
+        if model is not None:
+            names = {id(p): n for n, p in model.named_parameters()}
+            for i, param in enumerate(chain.from_iterable(g["params"] for g in self.param_groups)):
+                if id(param) not in names:
+                    raise ValueError(
+                        f"{type(self).__name__}.set_base: parameter #{i} of shape {tuple(param.shape)} "
+                        "is not a parameter of the given model; pass the module whose parameters the "
+                        "optimizer was built from"
+                    )
+            return names
+        if self.param_groups and all("param_names" in g for g in self.param_groups):
+            return {id(p): n for g in self.param_groups for n, p in zip(g["param_names"], g["params"])}
+        return None
+
+    @torch.no_grad()
+    def _base_at_first_step(self) -> None:
+        """Set the ``base_model`` given at construction, at the first :meth:`step`.
+
+        Why then and not at construction: τ = θ_SFT − θ_base needs the fine-tuned weights, and
+        several loops load them after building the optimizer (litgpt's ``finetune_full`` loads
+        the checkpoint after ``fabric.setup_optimizers``; Hugging Face ``Trainer`` and Lightning
+        restore a checkpoint after creating it). At the first step the weights are the ones
+        training starts from, and nothing has moved them yet, so τ is the same as ``set_base``
+        before training would compute (the ``OnlineMerging`` callback's route: the two agree bit
+        for bit). A resumed optimizer (``load_state_dict`` before the first step, every trainable
+        parameter with steps taken) keeps the checkpoint's τ̃ and loads no base at all, so a
+        resumed run ends where an uninterrupted one would.
+        """
+        trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        labels = self._labels(None)
+        if trainable and all(self.state.get(p, {}).get("step", 0) > 0 for p in trainable):
+            positions = self._positions()
+            restored = [labels[id(p)] if labels else f"#{positions[id(p)]}" for p in trainable]
+            self._base["source"] = None
+            self._base["match"] = BaseMatch(by="position" if labels is None else "name", restored=restored)
+            log.info("%s: resumed, so the τ̃ in the optimizer state is kept; base_model is not loaded",
+                     type(self).__name__)
+            return
+        base = load_base(self._base["source"], labels is None, **self._base["load_kwargs"])
+        self.set_base(None, base)
 
     def reference_bytes(self) -> int:
         """Bytes held by the stored τ̃ (indices and values) over all parameters."""
@@ -316,9 +435,14 @@ class OnlineMergingOptimizer(Optimizer):
         Works without a closure too (the GradScaler path of 16-bit mixed precision, where the
         caller has already run the backward pass and unscaled the gradients).
         """
+        if self._base["source"] is not None:  # base_model given at construction: τ from the weights now
+            self._base_at_first_step()
         if any(g["merge_weight"] > 0 for g in self.param_groups) and not self._has_base():
             raise RuntimeError(
-                f"{type(self).__name__}: merge_weight > 0 but no base model is set. Call "
+                f"{type(self).__name__}: merge_weight > 0 but no base model is set. Pass "
+                f"{type(self).__name__}(..., base_model=<path, hub id or state dict>) (a bare class "
+                "path takes no arguments: use the class_path + init_args form, e.g. litgpt's "
+                "--optimizer '{\"class_path\": ..., \"init_args\": {\"base_model\": ...}}'), call "
                 "optimizer.set_base(model, base_model) before training, or add the "
                 "lightning_sr.callbacks.OnlineMerging(base_model=...) callback to the Trainer "
                 "(or set merge_weight=0)."

@@ -24,7 +24,14 @@ How it runs (see the README):
 
 - The Adam moments and the weight decay of a param group are updated with foreach kernels; Δ is
   then computed per parameter, and only where it is needed.
-- τ̃ is stored sparse, as sorted flat indices and values, computed once by ``set_base``.
+- τ̃ is stored sparse, as sorted flat indices and values, computed once: by ``set_base`` (the
+  ``OnlineMerging`` callback calls it at fit start), or at the first ``step`` from the
+  ``base_model`` given at construction, for loops that build the optimizer by class path and
+  arguments alone (plain PyTorch, Fabric, litgpt, Hugging Face ``Trainer``, LightningCLI's
+  ``--optimizer``). Named parameters (``model.named_parameters()``) are paired with the base by
+  name (:mod:`.names`: the longest unique dotted suffix of equal shape, wrappers ignored,
+  ``rename`` for the rest), bare ones by position with the base in module order, every shape
+  checked (:mod:`.reference`); ``base_match`` reports the pairs and the plain-AdamW rest.
 - OnDARE's masks come from a ``torch.Generator`` on the parameter's device, seeded from ``seed``
   and the parameter's position, whose state lives in the optimizer state: every data-parallel
   rank draws the same masks and a resumed run continues exactly (on GPUs of one model: torch's
@@ -65,11 +72,11 @@ Where each part lives (data flows down this list: a module imports only modules 
 - :mod:`.ondare` (:class:`~.ondare.OnDARE`) and :mod:`.onties` (:class:`~.onties.OnTIES`): how
   τ is sparsified once and how a step's Δ is merged with it.
 - :mod:`.base` (:class:`~.base.OnlineMergingOptimizer`): what both share, the one signature,
-  the state, ``set_base``, ``step`` and step-K.
+  the state, ``set_base`` (and ``base_model`` at the first step), ``step`` and step-K.
 - :mod:`.adam` (the AdamW moments, decay and Δ), :mod:`.state_dict` (the checkpointed form of
   the state, sharded or not), :mod:`.reference` (pairing the parameters with the base before τ is
-  computed, and :class:`~.reference.BaseMatch`), :mod:`.names` (matching parameter names to the
-  base's names).
+  computed, by name or by position, loading ``base_model``, and :class:`~.reference.BaseMatch`),
+  :mod:`.names` (matching parameter names to the base's names).
 - this module: what the hyperparameters mean (the argument docs both classes' docstrings are
   built from) and which values are valid, and the optimizers' logger.
 - :mod:`.sparsify` (which coordinates are kept) and :mod:`.shards` (where a shard's elements sit).
@@ -110,6 +117,19 @@ ARGUMENTS: dict[str, str] = {
     "merge_every": "K of the paper's step-K variant (Alg. 2): merge every K-th step, with K − 1 plain Adam "
     "steps accumulated in between (one extra parameter-sized buffer). 1 merges every step.",
     "seed": "seeds the random masks (OnDARE's; OnTIES draws none), an integer >= 0.",
+    "base_model": "the pre-trained model the policy was fine-tuned from (τ = θ_SFT − θ_base): a hub id, a "
+    "local Hugging Face folder, an embedded model name, a ``.safetensors`` / ``torch.save`` / Lightning "
+    "``.ckpt`` file, a state dict or a module. Loaded at the first ``step()``, when the weights are the "
+    "fine-tuned ones (litgpt loads them after building the optimizer), then released; a resumed "
+    "optimizer keeps its checkpoint's τ̃ and loads nothing. Parameters given with names "
+    "(``model.named_parameters()``) match the base by name, bare ones by position (the base in module "
+    "order; not a ``.safetensors`` file). None: call ``set_base`` or use the ``OnlineMerging`` callback "
+    "instead (required when ``merge_weight > 0``).",
+    "base_load_kwargs": "keyword arguments for ``from_pretrained`` when ``base_model`` is a model name or "
+    "folder (e.g. ``{\"revision\": \"main\"}``).",
+    "rename": "maps parameter-name prefixes to the base's, ``{\"backbone.encoder\": \"model\"}``, for what "
+    "the name matching (identical names, else the longest unique dotted suffix of equal shape, wrappers "
+    "such as ``_orig_mod.`` ignored) cannot pair; a prefix mapped to null trains with plain AdamW.",
 }
 """The argument docs of :class:`~.base.OnlineMergingOptimizer`'s one signature, by name, in its order.
 
