@@ -24,7 +24,7 @@ LIGHTNING_CLASSES = {
     "SFTDataModule": "lightning_sr.data.sft",
     "GPUMemoryProfiler": "lightning_sr.callbacks.memory",
     "JSONLPredictionWriter": "lightning_sr.callbacks.predictions",
-    "OnlineMerging": "lightning_sr.callbacks.merging",
+    "OnlineMerging": "lightning_sr.callbacks.online_merging",
     "OfflineMerge": "lightning_sr.callbacks.offline_merge",
     "LightningSRCLI": "lightning_sr.cli",
     "FSDP2Strategy": "lightning_sr.sharding",

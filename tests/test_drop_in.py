@@ -18,7 +18,7 @@ from lightning_sr.testing import make_tokenizer, save_tiny_generator, save_tiny_
 from torch.utils.data import DataLoader
 
 from lightning_sr.callbacks import config_path
-from lightning_sr.callbacks.merging import OnlineMerging
+from lightning_sr.callbacks.online_merging import OnlineMerging
 from lightning_sr.cli import main
 from lightning_sr.lightning_packages import PACKAGE_ENV, Callback, LightningModule
 from lightning_sr.optim import OnDARE

@@ -12,7 +12,7 @@ from lightning_sr.testing import make_tokenizer, save_tiny_generator, tiny_llama
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from lightning_sr.callbacks.merging import OnlineMerging
+from lightning_sr.callbacks.online_merging import OnlineMerging
 from lightning_sr.lightning_packages import LightningModule
 from lightning_sr.optim import OnDARE, OnTIES
 

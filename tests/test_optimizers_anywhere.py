@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sr.callbacks.merging import OnlineMerging
+from lightning_sr.callbacks.online_merging import OnlineMerging
 from lightning_sr.optim import OnDARE, OnTIES
 from lightning_sr.optim.names import match_names
 from lightning_sr.testing import make_tokenizer, save_tiny_generator, spawn_gloo, tiny_gpt2, tiny_llama

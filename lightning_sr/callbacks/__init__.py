@@ -17,7 +17,7 @@ from lightning_sr._lazy import lazy_names
 if TYPE_CHECKING:
     from lightning_sr.callbacks.hooks import GenerationHooks
     from lightning_sr.callbacks.memory import GPUMemoryProfiler
-    from lightning_sr.callbacks.merging import OnlineMerging
+    from lightning_sr.callbacks.online_merging import OnlineMerging
     from lightning_sr.callbacks.offline_merge import OfflineMerge
     from lightning_sr.callbacks.predictions import JSONLPredictionWriter
 
@@ -45,7 +45,7 @@ __getattr__, __dir__ = lazy_names(
     {
         "GPUMemoryProfiler": "lightning_sr.callbacks.memory",
         "JSONLPredictionWriter": "lightning_sr.callbacks.predictions",
-        "OnlineMerging": "lightning_sr.callbacks.merging",
+        "OnlineMerging": "lightning_sr.callbacks.online_merging",
         "OfflineMerge": "lightning_sr.callbacks.offline_merge",
         "GenerationHooks": "lightning_sr.callbacks.hooks",
     },
