@@ -216,7 +216,9 @@ def run_generate(model, tokenizer, prompt: str, rows: int, tokens: int, marks: l
 
 def time_decision(job: dict, model, tokenizer, prompt: str) -> dict:
     """``rows`` rows decoded ``length`` tokens; every other row survives. Resize vs re-prefill."""
-    from lightning_sr.generation import SamplingParams, prefill, sample_next_token
+    from lightning_sr.generation import SamplingParams
+    from lightning_sr.generation.rollout import prefill
+    from lightning_sr.generation.sampling import sample_next_token
     from lightning_sr.generation.prompts import encode_prompts
 
     rows, length = job["rows"], job["length"]

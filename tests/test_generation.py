@@ -15,17 +15,15 @@ from lightning_sr.generation import (
     MemorySchedule,
     SamplingParams,
     Schedule,
-    StaticKVCache,
     best_of_n,
-    cache_bytes,
-    context_length,
-    keep_count,
     kv_bytes_per_token,
-    prefill,
-    select_survivors,
     speculative_rejection,
 )
-from lightning_sr.generation.rollout import Rollout, left_pad
+from lightning_sr.generation.cache import StaticKVCache
+from lightning_sr.generation.decision import keep_count, select_survivors
+from lightning_sr.generation.memory import cache_bytes
+from lightning_sr.generation.prompts import context_length
+from lightning_sr.generation.rollout import Rollout, left_pad, prefill
 from lightning_sr.generation.sampling import filter_logits, sample_next_token
 from lightning_sr.rewards import FunctionReward
 from user_callbacks import EveryKTokens
@@ -197,6 +195,20 @@ def test_sampling_draws_from_the_filtered_distribution(top_k, top_p):
     frequencies = torch.bincount(draws, minlength=6) / draws.numel()
     assert torch.equal(frequencies > 0, expected > 0)  # never outside top-k / the nucleus
     torch.testing.assert_close(frequencies, expected, atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.3, 0.7, 1.0, 1.7])
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (50, 0.8), (0, 0.9), (0, 1.0)])
+def test_temperature_after_top_k_draws_what_scaling_first_draws(temperature, top_k, top_p):
+    """The temperature divides only the top-k survivors: the same draws for a seed as dividing
+    the whole vocabulary first (``temperature=1`` on pre-scaled logits is that older path)."""
+    logits = torch.randn(32, 500, generator=torch.Generator().manual_seed(0)) * 3
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    scaled_first = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)
+    for seed in range(3):
+        draws = sample_next_token(logits, params, torch.Generator().manual_seed(seed))
+        expected = sample_next_token(logits / temperature, scaled_first, torch.Generator().manual_seed(seed))
+        assert torch.equal(draws, expected)
 
 
 def _replay_memory_decisions(events, per_token, budget, min_tokens, first_rows, first_length):
@@ -495,6 +507,24 @@ def test_keep_counts():
     assert keep_count(10, 0.7) == 3  # 0.3 x 10 is 3.0000000000000004 in floating point
 
 
+def test_vectorised_keep_counts_match_the_formula():
+    """``_keep_counts`` (what the engine and ``select_survivors`` use) is ``k(m) = max(1, ceil((1 - alpha) m))``.
+
+    The formula is evaluated exactly (the decimal alpha as a fraction), so float rounding in the
+    vectorised code, e.g. ``(1 - 0.7) * 10 = 3.0000000000000004`` ceiling to 4, fails here.
+    """
+    from fractions import Fraction
+
+    from lightning_sr.generation.decision import _keep_counts
+
+    sizes = torch.arange(1, 65)
+    for alpha in (0.0, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95, 0.99):
+        exact = [max(1, math.ceil((1 - Fraction(str(alpha))) * m)) for m in range(1, 65)]
+        assert _keep_counts(sizes, alpha).tolist() == exact, alpha
+        assert [keep_count(m, alpha) for m in range(1, 65)] == exact, alpha
+    assert _keep_counts(torch.tensor([10]), 0.7).tolist() == [3]
+
+
 # ------------------------------------------------------------------------------ static cache
 
 
@@ -633,6 +663,43 @@ def test_schedule_protocol_is_accepted_by_class_path():
         assert isinstance(schedule, Schedule) and type(schedule).__name__ == class_path.rsplit(".", 1)[1]
     with pytest.raises(jsonargparse.ArgumentError):
         parser.parse_object({"schedule": {"class_path": "lightning_sr.generation.SamplingParams"}})
+
+
+def test_min_tokens_is_part_of_the_schedule_protocol(tokenizer, llama):
+    """Every schedule says before which generated length it never decides; with a budget, ``n``
+    is fitted so every row reaches it. A schedule without the ``Schedule`` base and with a
+    budget must define it; subclasses inherit 1."""
+    assert MemorySchedule(min_tokens=5).min_tokens == 5
+    assert FixedSchedule([6, 3]).min_tokens == 3 and FixedSchedule().min_tokens == 1
+    width = len(tokenizer("thanks")["input_ids"])
+    budget = 10 * (width + 3) * kv_bytes_per_token(llama.config, llama.dtype)  # n = 10 rows to reach 4 tokens
+
+    class Budgeted:  # a user's schedule, no lightning_sr base class
+        def __init__(self, **attributes):
+            self.__dict__.update(attributes)
+
+        def kv_budget(self, device):
+            return budget
+
+        def next_check(self, state):
+            return None
+
+        def should_decide(self, state):
+            return MemorySchedule(budget, getattr(self, "min_tokens", 1)).should_decide(state)
+
+    class Inherits(Schedule):
+        kv_budget, next_check, should_decide = Budgeted.kv_budget, Budgeted.next_check, Budgeted.should_decide
+
+    def n_auto(schedule):
+        (result,) = speculative_rejection(llama, tokenizer, CONSTANT, ["thanks"], n="auto", schedule=schedule,
+                                          sampling=SamplingParams(max_new_tokens=6))  # fmt: skip
+        return len(result.candidates)
+
+    assert n_auto(Budgeted(min_tokens=4)) == n_auto(MemorySchedule(budget_bytes=budget, min_tokens=4)) == 10
+    assert Inherits().min_tokens == 1
+    assert n_auto(Inherits()) == n_auto(MemorySchedule(budget_bytes=budget, min_tokens=1)) == 10 * (width + 3) // width
+    with pytest.raises(TypeError, match="Budgeted has a kv_budget but no min_tokens"):
+        n_auto(Budgeted())
 
 
 def test_context_length_of_a_config(tokenizer, llama):

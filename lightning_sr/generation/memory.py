@@ -39,6 +39,42 @@ def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
     return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def cache_dtype(model) -> torch.dtype:
+    """The dtype the KV cache will be stored in: autocast's when it is on (mixed precision)."""
+    device_type = model.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return model.dtype
+
+
+def fit_n(n, budget: int, per_token: int, prompt_ids: list[list[int]], min_tokens: int) -> int:
+    """Check (or, for ``n='auto'``, choose) n so every row reaches ``min_tokens`` in the budget.
+
+    Before the first possible decision the cache grows to ``rows x (prompt + min_tokens - 1)``
+    tokens: the token sampled at ``min_tokens`` enters the cache only after the decision. So
+    ``n x prompts x (W + min_tokens - 1) x per_token <= budget``, ``W`` the longest prompt, and
+    ``n='auto'`` is the largest such ``n``.
+    """
+    prompts = len(prompt_ids)
+    per_row = (max(len(ids) for ids in prompt_ids) + min_tokens - 1) * per_token
+    fits = budget // (per_row * prompts)
+    if fits < 1:
+        raise ValueError(
+            f"the memory budget of {budget} bytes cannot hold one row per prompt for {min_tokens} "
+            f"tokens: {prompts} prompts need at least {per_row * prompts} bytes ({per_row} per row); "
+            "raise the budget, lower min_tokens or send fewer prompts per batch"
+        )
+    if n == "auto":
+        return int(fits)
+    if n > fits:
+        raise ValueError(
+            f"n={n} rows per prompt need {n * per_row * prompts} bytes of KV cache to reach "
+            f"min_tokens={min_tokens}, but the memory budget is {budget} bytes: it fits n<={fits} "
+            f"(or use n='auto', or a budget of at least {n * per_row * prompts} bytes)"
+        )
+    return n
+
+
 def text_config(model_config):
     """The decoder's config: the text config of a multimodal model, the config itself otherwise."""
     if hasattr(model_config, "get_text_config"):

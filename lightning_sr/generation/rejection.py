@@ -1,45 +1,39 @@
 """Speculative Rejection (Sun et al., NeurIPS 2024, arXiv 2410.20290) and Best-of-N on one engine.
 
 Algorithm 1 of the paper, with every sample of every prompt in one batch: prefill each prompt
-once, then sample a token for every row, mark the rows it ended, and at a decision point (chosen
-by the :class:`~lightning_sr.generation.schedules.Schedule`) score the partial responses and keep
-the best of each prompt's pool (:func:`~lightning_sr.generation.decision.select_survivors`). The
-answer for each prompt is its best *final-scored* response. ``alpha = 0`` never rejects: that is
-Best-of-N, so both methods are compared on the same engine, with the same samples for a seed.
+once, then round after round generate for every live row up to a check (the step the
+:class:`~lightning_sr.generation.schedules.Schedule` names, or the one that fills the round's KV
+cache), where the schedule may make a decision point: the partial responses are scored and each
+prompt's pool keeps its best rows (:func:`~lightning_sr.generation.decision.select_survivors`),
+and the batch is compacted to the rows left. The answer for each prompt is its best
+*final-scored* response. ``alpha = 0`` never rejects: that is Best-of-N, so both methods are
+compared on the same engine, with the same samples for a seed.
 
-Row state is a handful of host tensors over every row, one name per concept: ``live`` (still
-decoding), ended (not live, for any reason), ``eos`` (ended by an EOS or stop token), ``final``
-(has its final score), ``rejected_at`` (0 or the length at which it was rejected) and ``pool``
-(still ranked at decisions: live, or ended and never ranked out). The device keeps its own copy of
-what decoding changes (:class:`~lightning_sr.generation.rollout.Rollout`), read back every step on
-CPU and every few steps on CUDA.
+:class:`_Run` is the algorithm; what it records for the caller (the host's row state, step
+events, reward-call timing and statistics) is in :mod:`lightning_sr.generation.bookkeeping`. The
+device keeps its own copy of what decoding changes (:class:`~lightning_sr.generation.rollout.Rollout`),
+read back every step on CPU and every few steps on CUDA.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import sys
 import time
 import warnings
 from typing import Sequence
 
 import torch
 
+from lightning_sr.generation.bookkeeping import Decision, RewardLedger, Rows, StepEvents, assemble_results
 from lightning_sr.generation.decision import _keep_counts, select_survivors
-from lightning_sr.generation.memory import kv_bytes_per_token
+from lightning_sr.generation.memory import cache_dtype, fit_n, kv_bytes_per_token
 from lightning_sr.generation.prompts import Prompt, encode_prompts, row_limits, stop_token_ids
-from lightning_sr.generation.results import (
-    Candidate,
-    GenerationResult,
-    GenerationStats,
-    Observer,
-    StepEvent,
-    best_final,
-)
-from lightning_sr.generation.rollout import DecodeOptions, Rollout, _sync_debug_mode, prefill
+from lightning_sr.generation.results import GenerationResult, GenerationStats, Observer
+from lightning_sr.generation.rollout import DecodeOptions, _sync_debug_mode, prefill
 from lightning_sr.generation.sampling import SamplingParams, sample_next_token
 from lightning_sr.generation.schedules import DecodeState, FixedSchedule, Schedule, as_schedule
-from lightning_sr.rewards.base import RewardModel, checked_scores
+from lightning_sr.rewards.base import RewardModel
 
 
 def speculative_rejection(
@@ -96,28 +90,21 @@ def speculative_rejection(
 
     prompt_ids = encode_prompts(tokenizer, prompts, chat_template=chat_template)
     limits = row_limits(model.config, prompt_ids, sampling.max_new_tokens)
-    per_token = kv_bytes_per_token(model.config, _cache_dtype(model))
+    per_token = kv_bytes_per_token(model.config, cache_dtype(model))
     budget = None if alpha == 0 else schedule.kv_budget(model.device)
     if n == "auto" and budget is None:
         raise auto_error
-    if budget is not None:
-        min_tokens = min(getattr(schedule, "min_tokens", 1), max(limits))
-        n = _fit_n(n, budget, per_token, prompt_ids, min_tokens)
+    if budget is not None:  # every row must reach the first step the schedule may decide at
+        if not hasattr(schedule, "min_tokens"):
+            raise TypeError(f"{type(schedule).__name__} has a kv_budget but no min_tokens: a schedule with a budget "
+                            "says before which generated length it never decides (Schedule.min_tokens)")  # fmt: skip
+        n = fit_n(n, budget, per_token, prompt_ids, min(schedule.min_tokens, max(limits)))
     run = _Run(
-        model=model,
-        tokenizer=tokenizer,
-        reward=reward,
-        prompts=list(prompts),
-        n=n,
-        alpha=alpha,
-        schedule=schedule if alpha > 0 else None,
-        budget=budget,
-        per_token=per_token,
-        sampling=sampling,
+        model=model, tokenizer=tokenizer, reward=reward, prompts=list(prompts), n=n, alpha=alpha,
+        schedule=schedule if alpha > 0 else FixedSchedule([]),  # alpha = 0: no decision point
+        budget=budget, per_token=per_token, sampling=sampling, observer=observer, options=options or DecodeOptions(),
         eos_ids=stop_token_ids(model, tokenizer, sampling.stop_token_ids),
-        observer=observer,
-        options=options or DecodeOptions(),
-    )
+    )  # fmt: skip
     with torch.inference_mode():
         return run.generate(prompt_ids, limits, seed)
 
@@ -156,148 +143,138 @@ def best_of_n(
     )
 
 
-def _cache_dtype(model) -> torch.dtype:
-    """The dtype the KV cache will be stored in: autocast's when it is on (mixed precision)."""
-    device_type = model.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return model.dtype
-
-
-def _fit_n(n, budget: int, per_token: int, prompt_ids: list[list[int]], min_tokens: int) -> int:
-    """Check (or, for ``n='auto'``, choose) n so every row reaches ``min_tokens`` in the budget.
-
-    Before the first possible decision the cache grows to ``rows x (prompt + min_tokens - 1)``
-    tokens: the token sampled at ``min_tokens`` enters the cache only after the decision.
-    """
-    prompts = len(prompt_ids)
-    per_row = (max(len(ids) for ids in prompt_ids) + min_tokens - 1) * per_token
-    fits = budget // (per_row * prompts)
-    if fits < 1:
-        raise ValueError(
-            f"the memory budget of {budget} bytes cannot hold one row per prompt for {min_tokens} "
-            f"tokens: {prompts} prompts need at least {per_row * prompts} bytes ({per_row} per row); "
-            "raise the budget, lower min_tokens or send fewer prompts per batch"
-        )
-    if n == "auto":
-        return int(fits)
-    if n > fits:
-        raise ValueError(
-            f"n={n} rows per prompt need {n * per_row * prompts} bytes of KV cache to reach "
-            f"min_tokens={min_tokens}, but the memory budget is {budget} bytes: it fits n<={fits} "
-            f"(or use n='auto', or a budget of at least {n * per_row * prompts} bytes)"
-        )
-    return n
-
-
 class _Run:
-    """One call of the engine: the rows, their scores and the per-prompt statistics."""
+    """One call of the engine: Algorithm 1 over every row of every prompt (:meth:`_decode`); its
+    host state and records are :mod:`~lightning_sr.generation.bookkeeping`'s."""
 
     def __init__(self, model, tokenizer, reward, prompts, n, alpha, schedule, budget, per_token, sampling, eos_ids, observer, options):
-        self.model, self.tokenizer, self.reward, self.prompts = model, tokenizer, reward, prompts
+        self.model, self.tokenizer, self.prompts = model, tokenizer, prompts
         self.n, self.alpha, self.schedule, self.per_token = n, alpha, schedule, per_token
         self.budget_tokens = None if budget is None else budget // per_token
         self.budget, self.sampling, self.eos_ids, self.observer = budget, sampling, eos_ids, observer
         self.options = options
         self.device = model.device
-        rows = len(prompts) * n
-        self.group = torch.arange(rows) // n
-        self.live = torch.ones(rows, dtype=torch.bool)
-        self.eos = torch.zeros(rows, dtype=torch.bool)
-        self.length = torch.zeros(rows, dtype=torch.long)
-        self.final = torch.zeros(rows, dtype=torch.bool)
-        self.score = torch.full((rows,), math.nan)
-        self.rejected_at = torch.zeros(rows, dtype=torch.long)
-        self.pool = torch.ones(rows, dtype=torch.bool)
+        self.rows = Rows(len(prompts), n)
         self.stats = [GenerationStats(live_rows_per_round=[n]) for _ in prompts]
-        self.reward_calls: list[tuple[float, torch.Tensor, list[int] | None]] = []
-        self.rounds = 0
-        self.window: dict = {}
-        self.check_at: int | None = None
-        self.emitted, self.live_emitted = 0, rows  # last step with an event, live rows after it
-        self.peak_kv = self.peak_reserved = 0
+        self.ledger = RewardLedger(reward, self.rows.group, self.stats, self.device)
+        self.rounds = 0  # decision points at which some pool shrank
+        self.check_at: int | None = None  # the step the schedule named for the round's check
+        self.peak_allocated: int | None = 0 if self.device.type == "cuda" else None
 
     def generate(self, prompt_ids: list[list[int]], limits: list[int], seed: int) -> list[GenerationResult]:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         generator = torch.Generator(device=self.device).manual_seed(seed)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.width, self.max_limit = max(len(ids) for ids in prompt_ids), max(limits)
-        if self.schedule is not None:
-            self.check_at = self._next_check(0, self.width)
-        rows = len(self.group)
+        rows = len(self.rows)
+        self.events = StepEvents(self.width, self.per_token, len(self.prompts), rows, self.observer)
+        self.check_at = self._next_check(0)
         capacity = self._capacity(rows)
         arena = rows * capacity
         if self.budget_tokens is not None:  # every later round fits in the first allocation
             arena = max(arena, min(self.budget_tokens, rows * (self.width + self.max_limit - 1)))
         self.rollout = prefill(
             self.model, prompt_ids, self.n, pad_id, limits=limits, capacity=capacity, arena_tokens=arena,
-            eos_ids=self.eos_ids, dtype=_cache_dtype(self.model), options=self.options,
+            eos_ids=self.eos_ids, dtype=cache_dtype(self.model), options=self.options,
         )  # fmt: skip
-        self._decode(self.rollout, generator)
-        self._score(final_rows=self._pending_finals(), partial_rows=torch.zeros(0, dtype=torch.long))
+        self._note_allocated()
+        self._decode(generator)
+        self._score(final_rows=self.rows.pending_finals(), partial_rows=torch.zeros(0, dtype=torch.long))
         return self._results(time.perf_counter() - start)
 
-    def _decode(self, rollout: Rollout, generator: torch.Generator) -> None:
-        """Algorithm 1 of the paper, one generated token per iteration."""
+    def _decode(self, generator: torch.Generator) -> None:
+        """Algorithm 1 of the paper, one round per iteration, until no row is live.
+
+        A round generates for every live row up to the round's check: the step the schedule
+        named, or the one at which the round's KV cache (sized to reach that step within the
+        budget) is full; the paper generates until the memory is full. There the schedule may
+        make it a decision point (:meth:`_decide`: score the partial responses, keep each
+        prompt's best ``k(m) = max(1, ceil((1 - alpha) m))``). Then the rows the budget cannot
+        hold stop, the batch is compacted to the rows left, with a cache sized for the next
+        round, and the token sampled at the check is appended.
+        """
         step = 0
         with self._no_syncs():  # with DecodeOptions(debug_syncs=True) a host sync here raises
             while True:
-                step += 1
-                tokens = sample_next_token(rollout.logits, self.sampling, generator)
-                rollout.mark(tokens, step)  # rows ended by EOS, stop ids or length: on the device
-                if self._must_read_back(step, rollout):
-                    with _sync_debug_mode("default"):
-                        self._read_back(rollout, step)
-                        checked = self._is_check(step, rollout)
-                        if checked and self.live.any() and self.schedule.should_decide(self._state(step)):
-                            self._reject(step)  # score the partial responses, keep each pool's best
-                        self._next_round(rollout, step, checked)  # compact, size the cache, emit events
-                        if not self.live.any():
-                            return
-                rollout.step()  # append the sampled tokens of the slots left
+                step = self._decode_to_check(generator, step)
+                if not self.rows.any_live():
+                    return
+                with _sync_debug_mode("default"):  # at the round's check
+                    decision = self._decide(step) if self.schedule.should_decide(self._state(step)) else None
+                    self._stop_rows_that_cannot_fit(step)
+                    if self.rows.any_live():
+                        self.check_at = self._next_check(step)
+                        self._compact(step)
+                    self._emit_events(step, decision)
+                if not self.rows.any_live():
+                    return
+                self.rollout.step()  # append the token sampled at the check for the slots left
 
-    # ------------------------------------------------------------------ when to look, what to do
+    def _decode_to_check(self, generator: torch.Generator, step: int) -> int:
+        """Sample and append a token for every slot, step after step, until the round's check
+        with a row live (returned with nothing decided there) or until no row is live.
+
+        Sampling and marking the rows a token ends (EOS, stop id, length limit) stay on the
+        device; the host reads the rows back only when :meth:`_read_back_due`. Between checks a
+        read-back stops the rows the budget cannot hold, compacts the batch when few rows are
+        live (looked at every ``sync_every`` steps, so CPU and CUDA compact alike) and emits the
+        events of the steps read back.
+        """
+        while True:
+            step += 1
+            self.rollout.mark(sample_next_token(self.rollout.logits, self.sampling, generator), step)
+            if self._read_back_due(step):
+                with _sync_debug_mode("default"):
+                    self._read_back()
+                    if self._is_check(step) and self.rows.any_live():
+                        return step
+                    self._stop_rows_that_cannot_fit(step)
+                    if self.rows.any_live() and self._few_live(step):
+                        self._compact(step)
+                    self._emit_events(step, None)
+                    if not self.rows.any_live():
+                        return step
+            self.rollout.step()  # append the sampled tokens of the slots left, next logits
+
+    # ------------------------------------------------------------------ when to look
 
     def _no_syncs(self):
         debug = self.options.debug_syncs and self.device.type == "cuda"
         return _sync_debug_mode("error") if debug else contextlib.nullcontext()
 
-    def _must_read_back(self, step: int, rollout: Rollout) -> bool:
-        """Every step on CPU; on CUDA every ``sync_every`` steps, at checks and at a round's end."""
-        return (
-            self.device.type != "cuda"
-            or step % self.options.sync_every == 0
-            or step == self.check_at
-            or rollout.sequence_length >= rollout.capacity
-            or step >= self.max_limit
-        )
+    def _read_back_due(self, step: int) -> bool:
+        """Every step on CPU; on CUDA every ``sync_every`` steps, at checks and at the last step."""
+        cuda = self.device.type == "cuda"
+        return not cuda or step % self.options.sync_every == 0 or self._is_check(step) or step >= self.max_limit
 
-    def _is_check(self, step: int, rollout: Rollout) -> bool:
+    def _is_check(self, step: int) -> bool:
         """The schedule is asked at the step it named and whenever the round's cache is full."""
-        return self.schedule is not None and (step == self.check_at or rollout.sequence_length >= rollout.capacity)
+        return step == self.check_at or self.rollout.sequence_length >= self.rollout.capacity
 
-    def _read_back(self, rollout: Rollout, step: int) -> None:
-        live, eos, length = rollout.read_back()
-        self.live &= live  # rows this host already ended (rejected, out of memory) stay ended
-        self.eos, self.length = eos, length
-        # What the events of the steps since the last read-back need: their state before this step's decision.
-        self.window = {"rounds": self.rounds, "reserved": rollout.cache.reserved_bytes, "decided": False, "rejected": 0}
+    def _read_back(self) -> None:
+        """The one host sync of a read-back: the rows' state from the device."""
+        live, eos, length = self.rollout.read_back()
+        self._note_allocated()
+        self.rows.read_back(live, eos, length)
+        self.events.read_back(self.rounds, self.rollout.cache.reserved_bytes)
+
+    def _note_allocated(self) -> None:
+        """Keep the highest CUDA memory allocated seen so far: ``GenerationStats.peak_memory_bytes``.
+
+        Sampled, not the allocator's peak: a per-call peak would mean resetting the process-wide
+        peak statistics, which belong to whoever profiles the run (GPUMemoryProfiler resets them
+        per batch). ``memory_allocated`` is a host-side counter: no device sync.
+        """
+        if self.peak_allocated is not None:
+            self.peak_allocated = max(self.peak_allocated, int(torch.cuda.memory_allocated(self.device)))
 
     def _state(self, step: int) -> DecodeState:
-        return DecodeState(
-            step=step,
-            sequence_length=self.width + step - 1,
-            live_rows=int(self.live.sum()),
-            num_prompts=len(self.prompts),
-            kv_bytes_per_token=self.per_token,
-            kv_budget_bytes=self.budget,
-        )
+        """The batch as the schedule sees it: ``step`` sampled, not yet in the cache."""
+        live = int(self.rows.live.sum())
+        return DecodeState(step, self.width + max(step - 1, 0), live, len(self.prompts), self.per_token, self.budget)
 
-    def _next_check(self, step: int, sequence_length: int) -> int | None:
-        state = DecodeState(step, sequence_length, int(self.live.sum()), len(self.prompts), self.per_token, self.budget)
-        check = self.schedule.next_check(state)
+    def _next_check(self, step: int) -> int | None:
+        check = self.schedule.next_check(self._state(step))
         if check is not None and check <= step:
             raise ValueError(f"{type(self.schedule).__name__}.next_check returned {check} at step {step}: it must be later")
         return check
@@ -310,164 +287,94 @@ class _Run:
             columns = min(columns, self.budget_tokens // max(rows, 1))
         return columns
 
-    def _reject(self, step: int) -> None:
-        """One decision point: score the pools that shrink, keep the best rows of each (Alg. 1).
+    # ------------------------------------------------------------------ what to do there
 
-        The rows that still fit in the budget, ``budget // (columns after this token)``, cap the
-        live survivors (see :func:`select_survivors`).
+    def _decide(self, step: int) -> Decision:
+        """A decision point of Algorithm 1: score the partial responses, reject the weakest.
+
+        Per prompt, the pool (live rows, and ended rows not yet ranked out) keeps its best
+        ``k(m)`` rows (:func:`~lightning_sr.generation.decision.keep_count`; the paper's cut at
+        the alpha-quantile of the scores). Only the pools that shrink, ``k(m) < m``, are scored:
+        their live rows as partial responses, in one reward call with the ended rows still
+        lacking a final score. The rows that fit one more token in the budget, ``T // (W + t)``,
+        cap the live survivors (:func:`~lightning_sr.generation.decision.select_survivors`).
         """
-        pooled = self.pool.nonzero().squeeze(1)
-        groups = self.group[pooled]
+        rows = self.rows
+        pooled = rows.pool.nonzero().squeeze(1)
+        groups = rows.group[pooled]
         sizes = torch.bincount(groups, minlength=len(self.prompts))
         shrinking = (_keep_counts(sizes, self.alpha) < sizes).nonzero().squeeze(1)
-        self.window["decided"] = True
         if shrinking.numel() == 0:
-            return
+            return Decision(rejected=0)
         self.rounds += 1
-        partial = pooled[torch.isin(groups, shrinking) & self.live[pooled]]
-        self._score(final_rows=self._pending_finals(), partial_rows=partial)
-        columns = self.width + step  # after the token sampled at this step is appended
-        max_live = None if self.budget_tokens is None else self.budget_tokens // columns
-        keep = select_survivors(self.score[pooled], groups, ~self.live[pooled], self.alpha, max_live)
-        dropped = pooled[~keep]
-        rejected = dropped[self.live[dropped]]
-        self.pool[dropped] = False
-        self.live[rejected] = False
-        self.rejected_at[rejected] = step
+        self._score(final_rows=rows.pending_finals(), partial_rows=pooled[torch.isin(groups, shrinking) & rows.live[pooled]])
+        max_live = None if self.budget_tokens is None else self.budget_tokens // (self.width + step)
+        keep = select_survivors(rows.score[pooled], groups, ~rows.live[pooled], self.alpha, max_live)
+        rejected = rows.drop(pooled[~keep], step)
         self.rollout.end(rejected)
         for group in shrinking.tolist():
             self.stats[group].rounds += 1
-            self.stats[group].live_rows_per_round.append(int((self.live & (self.group == group)).sum()))
-        self.window["rejected"] = int(rejected.numel())
+            self.stats[group].live_rows_per_round.append(rows.live_in(group))
+        return Decision(rejected=int(rejected.numel()))
+
+    def _few_live(self, step: int) -> bool:
+        """Fewer than ``compact_below`` of the slots hold a live row, at a ``sync_every`` step."""
+        live = int(self.rows.live[self.rollout.slot_rows].sum())
+        return step % self.options.sync_every == 0 and live < self.options.compact_below * self.rollout.num_slots
+
+    def _compact(self, step: int) -> None:
+        """Keep the slots of the live rows only, with the next round's capacity."""
+        live = self.rows.live[self.rollout.slot_rows].nonzero().squeeze(1)
+        self.rollout.resize(live, max(self._capacity(live.numel()), self.width + step))
 
     def _stop_rows_that_cannot_fit(self, step: int) -> None:
         """No rejection made room for one more token: the live rows end here, scored as they are."""
-        live = self.live.nonzero().squeeze(1)
+        live = self.rows.live.nonzero().squeeze(1)
         if self.budget_tokens is None or live.numel() * (self.width + step) <= self.budget_tokens:
             return
-        warnings.warn(
+        _warn_caller(
             f"the memory budget of {self.budget} bytes cannot hold one more token for the "
             f"{live.numel()} rows left at {step} tokens: they stop here and are scored as they are "
-            "(raise the budget or lower n)",
-            stacklevel=5,
+            "(raise the budget or lower n)"
         )
-        self.live[live] = False
+        self.rows.live[live] = False
         self.rollout.end(live)
 
-    def _next_round(self, rollout: Rollout, step: int, checked: bool) -> None:
-        """Stop the rows the budget cannot hold, compact the batch to its live rows and size the
-        cache for the next round when needed, then emit the events of the steps read back.
+    # ------------------------------------------------------------------ scores, events, results
 
-        The batch is compacted at a check (a decision, or a full cache) and when few rows are left
-        decoding (looked at every ``sync_every`` steps, so CPU and CUDA compact alike), never
-        otherwise.
-        """
-        self._stop_rows_that_cannot_fit(step)
-        if self.live.any():
-            if checked:
-                self.check_at = self._next_check(step, self.width + step - 1)
-            live = self.live[rollout.slot_rows].nonzero().squeeze(1)  # slots of the live rows
-            few_left = step % self.options.sync_every == 0 and live.numel() < self.options.compact_below * rollout.num_slots
-            if checked or few_left or rollout.sequence_length >= rollout.capacity:
-                rollout.resize(live, max(self._capacity(live.numel()), self.width + step))
-        self._emit_events(step)
-
-    # ------------------------------------------------------------------ scores and events
-
-    def _pending_finals(self) -> torch.Tensor:
-        """Rows that ended without being rejected and have no final score yet."""
-        return (~self.live & ~self.final & (self.rejected_at == 0)).nonzero().squeeze(1)
+    def _emit_events(self, step: int, decision: Decision | None) -> None:
+        self.events.emit(step, self.rows, self.rounds, self.rollout.cache.reserved_bytes, decision)
 
     def _response_ids(self, rows: torch.Tensor) -> list[list[int]]:
         """Generated ids of each row, without the EOS or stop token that ended it."""
         ids = self.rollout.tokens[rows.to(self.device)].tolist()
-        ends = (self.length[rows] - self.eos[rows].long()).tolist()
+        ends = (self.rows.length[rows] - self.rows.eos[rows].long()).tolist()
         return [row_ids[:end] for row_ids, end in zip(ids, ends)]
 
     def _score(self, final_rows: torch.Tensor, partial_rows: torch.Tensor) -> None:
-        """One reward call: final scores for ended rows, partial scores for live ones."""
+        """One reward call: final scores for ended rows, partial scores for live ones (the
+        response so far, scored as a complete turn)."""
         rows = torch.cat([final_rows, partial_rows])
         if rows.numel() == 0:
             return
         texts = self.tokenizer.batch_decode(self._response_ids(rows), skip_special_tokens=True)
-        prompts = [self.prompts[group] for group in self.group[rows].tolist()]
-        _synchronize(self.device)
-        start = time.perf_counter()
-        scores = checked_scores(self.reward, prompts, texts)
-        _synchronize(self.device)
-        counts = getattr(self.reward, "last_token_counts", None)
-        counts = [int(c) for c in counts] if counts is not None and len(counts) == rows.numel() else None
-        self.reward_calls.append((time.perf_counter() - start, rows, counts))
-        self.score[rows] = torch.tensor(scores, dtype=self.score.dtype)
-        self.final[final_rows] = True
-        for group, tokens in zip(self.group[rows].tolist(), counts or [0] * rows.numel()):
-            self.stats[group].reward_tokens += tokens
-        for group in set(self.group[rows].tolist()):
-            self.stats[group].reward_calls += 1
-
-    def _emit_events(self, step: int) -> None:
-        """One :class:`StepEvent` per step since the last read-back, rebuilt from the rows' lengths."""
-        window = self.window
-        decided, rejected, reserved, rounds = window["decided"], window["rejected"], window["reserved"], window["rounds"]
-        ended = self.length[~self.live & (self.rejected_at == 0)]
-        ended_at = torch.bincount(ended, minlength=step + 1).tolist()
-        for at in range(self.emitted + 1, step + 1):
-            now = at == step
-            drop = ended_at[at] + (rejected if now else 0)
-            live = self.live_emitted - drop
-            length = self.width + at - (live == 0)
-            self.peak_kv = max(self.peak_kv, live * length * self.per_token)
-            reserved_now = self.rollout.cache.reserved_bytes if now else reserved
-            self.peak_reserved = max(self.peak_reserved, reserved_now)
-            if self.observer is not None:
-                self.observer(
-                    StepEvent(
-                        step=at,
-                        sequence_length=length,
-                        live_rows=live,
-                        kv_bytes=live * length * self.per_token,
-                        rejected_rows=rejected if now else 0,
-                        ended_rows=ended_at[at],
-                        decision=decided and now,
-                        round=self.rounds if now else rounds,
-                        num_prompts=len(self.prompts),
-                        kv_reserved_bytes=reserved_now,
-                    )
-                )
-            self.emitted, self.live_emitted = at, live
-            if live == 0:
-                break
+        prompts = [self.prompts[group] for group in self.rows.group[rows].tolist()]
+        scores = self.ledger.score(rows, prompts, texts)
+        self.rows.score[rows] = torch.tensor(scores, dtype=self.rows.score.dtype)
+        self.rows.final[final_rows] = True
 
     def _results(self, total_seconds: float) -> list[GenerationResult]:
-        reward_seconds = sum(seconds for seconds, _, _ in self.reward_calls)
-        generation_seconds = max(0.0, total_seconds - reward_seconds)
-        peak_memory = int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
-        rows = torch.arange(len(self.group))
-        ids = self._response_ids(rows)
+        self._note_allocated()  # after the final reward call
+        ids = self._response_ids(torch.arange(len(self.rows)))
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        candidates: list[list[Candidate]] = [[] for _ in self.prompts]
-        for row, group in enumerate(self.group.tolist()):
-            rejected_at = int(self.rejected_at[row]) or None
-            score, final = float(self.score[row]), bool(self.final[row])
-            candidates[group].append(Candidate(texts[row], ids[row], score, bool(self.eos[row]), final, rejected_at))
-            self.stats[group].tokens_generated += int(self.length[row])
-            self.stats[group].nan_rewards += int(final and math.isnan(score))
-        for seconds, scored, counts in self.reward_calls:  # by reward tokens, else by rows
-            weights = counts if counts and sum(counts) > 0 else [1] * scored.numel()
-            for group, weight in zip(self.group[scored].tolist(), weights):
-                self.stats[group].reward_seconds += seconds * weight / sum(weights)
-        total_tokens = sum(stats.tokens_generated for stats in self.stats) or 1
-        results = []
-        for group, prompt in enumerate(self.prompts):
-            stats = self.stats[group]
-            stats.generation_seconds = generation_seconds * stats.tokens_generated / total_tokens
-            stats.peak_kv_bytes, stats.peak_kv_reserved_bytes = self.peak_kv, self.peak_reserved
-            stats.peak_memory_bytes = peak_memory
-            best = best_final(candidates[group])
-            results.append(GenerationResult(prompt, best.text, best.reward, candidates[group], stats))
-        return results
+        return assemble_results(
+            self.prompts, self.rows, ids, texts, self.stats, self.ledger, self.events, total_seconds, self.peak_allocated
+        )
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _warn_caller(message: str) -> None:
+    """Warn at the first frame outside the engine (``lightning_sr.generation``): its caller's."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("lightning_sr.generation"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)

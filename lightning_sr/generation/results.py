@@ -90,7 +90,12 @@ class GenerationStats:
     peak_kv_reserved_bytes: int = 0
     """Peak of the batch's :attr:`StepEvent.kv_reserved_bytes` (the KV cache allocated)."""
     peak_memory_bytes: int | None = None
-    """Peak CUDA memory allocated during the call (None on CPU)."""
+    """Highest CUDA memory allocated by this process that the call saw (None on CPU): sampled with
+    ``torch.cuda.memory_allocated`` after the prefill, at every host read-back and after the final
+    reward call. A lower bound on the true peak, since memory allocated and freed between two
+    looks (a forward's activations) is missed; the engine does not reset the process-wide peak
+    statistics, which are the profiler's. The exact peak of a batch, decoding included, is
+    GPUMemoryProfiler's ``peak_allocated_bytes``."""
 
     def to_dict(self) -> dict:
         return asdict(self)

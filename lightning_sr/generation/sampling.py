@@ -65,18 +65,24 @@ def sample_next_token(
 
     With a top-k filter the draw is made among the ``top_k`` candidates only (the same
     distribution as masking the rest of the vocabulary, at a fraction of the cost: a draw over
-    the full vocabulary was the largest cost of a decoding step after the model itself).
+    the full vocabulary was the largest cost of a decoding step after the model itself). The
+    temperature then divides only the ``top_k`` survivors, not a copy of the whole vocabulary:
+    dividing by ``T > 0`` keeps the order, so they are the top-k of the scaled logits too, each
+    with the same scaled float, and top-p is applied to those scaled values as before; the draws
+    for a seed are those of scaling first. One exception: two different float32 logits can
+    round to the same value once divided, and where that tie falls inside or at the edge of
+    the top-k, the candidates follow the unscaled order.
     """
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
     if 0 < params.top_k < logits.size(-1):
         values, candidates = torch.topk(logits, params.top_k, dim=-1)  # sorted, best first
+        values = values.float() / params.temperature
         if params.top_p < 1.0:
             probs = values.softmax(-1)
             values = values.masked_fill(probs.cumsum(-1) - probs >= params.top_p, float("-inf"))
         return candidates.gather(-1, _draw(values.softmax(-1), generator).unsqueeze(-1)).squeeze(-1)
-    return _draw(filter_logits(logits, 0, params.top_p).softmax(dim=-1), generator)
+    return _draw(filter_logits(logits.float() / params.temperature, 0, params.top_p).softmax(dim=-1), generator)
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

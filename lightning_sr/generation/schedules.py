@@ -1,17 +1,17 @@
 """When speculative rejection stops to score partial responses and reject the weakest.
 
 A schedule is anything implementing the :class:`Schedule` protocol: it names a KV-cache budget
-(or none), says at which generated length it wants to be asked next, and answers whether that
-step is a decision point. The engine sizes each round's KV cache to reach that length (and to
-stay within the budget) and asks :meth:`Schedule.should_decide` there, and also whenever that
-cache is full. Two schedules ship: :class:`MemorySchedule` (the
-paper's) and :class:`FixedSchedule`. A schedule is given to the engine, or from YAML to the
-Lightning module, as an object of any class with these three methods (subclassing
-:class:`Schedule` is optional), e.g.::
+(or none), the generated length before which it never decides (``min_tokens``), says at which
+generated length it wants to be asked next, and answers whether that step is a decision point.
+The engine sizes each round's KV cache to reach that length (and to stay within the budget) and
+asks :meth:`Schedule.should_decide` there, and also whenever that cache is full. Two schedules
+ship: :class:`MemorySchedule` (the paper's) and :class:`FixedSchedule`. A schedule is given to
+the engine, or from YAML to the Lightning module, as an object of any class with these methods
+(subclassing :class:`Schedule` is optional), e.g.::
 
     class EveryKTokens:
         def __init__(self, k: int = 32):
-            self.k = k
+            self.k = self.min_tokens = k
 
         def kv_budget(self, device: torch.device) -> int | None:
             return None
@@ -53,8 +53,10 @@ class DecodeState:
 class Schedule(abc.ABC):
     """Decision points of speculative rejection: what a schedule implements.
 
-    Any class with these three methods counts as a ``Schedule`` (``isinstance`` and
-    ``issubclass`` say so, as for :class:`collections.abc.Iterable`); it need not subclass it.
+    Three methods and one attribute, :attr:`min_tokens`. Any class with the three methods counts
+    as a ``Schedule`` (``isinstance`` and ``issubclass`` say so, as for
+    :class:`collections.abc.Iterable`); it need not subclass it, but then a schedule with a
+    budget must define :attr:`min_tokens` itself (the engine refuses one without it).
     A class rather than a ``typing.Protocol`` so that LightningCLI treats a ``Schedule``
     argument as it treats any base class: a user's schedule by its class path, the shipped ones
     by short name, and switching class from the command line drops the old class's arguments.
@@ -64,6 +66,11 @@ class Schedule(abc.ABC):
     the round's KV cache (sized to that step, within the budget) is full. Returning True makes
     that step a decision point: partial responses are scored and the weakest rejected.
     """
+
+    min_tokens: int = 1
+    """No decision point before this many tokens were generated (at least 1). With a budget, the
+    engine checks ``n`` (or, for ``n="auto"``, chooses it) so that every row reaches it: before
+    the first decision the cache holds ``rows x (prompt + min_tokens - 1)`` tokens."""
 
     @abc.abstractmethod
     def kv_budget(self, device: torch.device) -> int | None:
@@ -169,6 +176,11 @@ class FixedSchedule(Schedule):
         if any(length < 1 for length in self.lengths):
             raise ValueError(f"FixedSchedule.lengths must be positive, got {self.lengths}")
         self.lengths = sorted(set(int(length) for length in self.lengths))
+
+    @property
+    def min_tokens(self) -> int:
+        """The first length (1 with none: it never decides)."""
+        return self.lengths[0] if self.lengths else 1
 
     def kv_budget(self, device: torch.device) -> int | None:
         return None
