@@ -574,7 +574,7 @@ def test_decoding_writes_the_cache_in_place_and_compacts_only_between_rounds(tok
         llama.lm_head.weight[tokenizer.eos_token_id] = 0.0
     width = max(len(tokenizer(p)["input_ids"]) for p in PROMPTS)
     speculative_rejection(llama, tokenizer, CONSTANT, PROMPTS, n=4, alpha=0.5, schedule=FixedSchedule([3, 7]),
-                          sampling=SamplingParams(max_new_tokens=12, top_k=5), options=DecodeOptions(compact_below=0.0))  # fmt: skip
+                          sampling=SamplingParams(max_new_tokens=12, top_k=5), decode_options=DecodeOptions(compact_below=0.0))  # fmt: skip
     assert len(arenas) == 1
     # At 3 tokens: 12 rows -> 6, room to the next decision; at 7: 6 -> 3, room to the last token.
     assert resized == [(width + 2, 6, width + 6), (width + 6, 3, width + 11)]
@@ -586,7 +586,7 @@ def test_compacting_ended_rows_does_not_change_greedy_results(tokenizer, llama):
     sampling = SamplingParams(temperature=0, max_new_tokens=16, stop_token_ids=stops)
     runs = [
         best_of_n(llama, tokenizer, CONSTANT, prompts, n=1, sampling=sampling,
-                  options=DecodeOptions(sync_every=sync_every, compact_below=compact_below))  # fmt: skip
+                  decode_options=DecodeOptions(sync_every=sync_every, compact_below=compact_below))  # fmt: skip
         for sync_every, compact_below in ((1, 0.0), (1, 1.0), (4, 0.6))
     ]
     ids = [[c.token_ids for r in results for c in r.candidates] for results in runs]
@@ -765,7 +765,7 @@ def test_cuda_greedy_equals_generate_with_and_without_graphs():
             options = DecodeOptions(cuda_graphs=graphs, graph_bucket=8, sync_every=4)
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # a failed graph capture warns: fail instead
-                results = best_of_n(model, tokenizer, CONSTANT, PROMPTS, n=1, options=options,
+                results = best_of_n(model, tokenizer, CONSTANT, PROMPTS, n=1, decode_options=options,
                                     sampling=SamplingParams(temperature=0, max_new_tokens=20))  # fmt: skip
             assert [r.candidates[0].token_ids for r in results] == expected
 
@@ -776,8 +776,8 @@ def test_cuda_graph_logits_equal_eager_logits():
     ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
     for model in models:
         with torch.inference_mode():
-            graphed = prefill(model, ids, n=2, capacity=40, options=DecodeOptions(graph_bucket=8))
-            eager = prefill(model, ids, n=2, capacity=40, options=DecodeOptions(cuda_graphs=False))
+            graphed = prefill(model, ids, n=2, capacity=40, decode_options=DecodeOptions(graph_bucket=8))
+            eager = prefill(model, ids, n=2, capacity=40, decode_options=DecodeOptions(cuda_graphs=False))
             for step in range(12):
                 tokens = torch.randint(4, len(tokenizer), (graphed.num_slots,), device="cuda")
                 graphed.step(tokens)
@@ -799,9 +799,9 @@ def test_cuda_decoding_has_no_host_sync_between_read_backs(graphs):
     for model in models:
         events = []
         speculative_rejection(model, tokenizer, HASH_REWARD, PROMPTS, n=4, alpha=0.5, schedule=FixedSchedule([6]),
-                              sampling=SamplingParams(max_new_tokens=16), options=options, observer=events.append)  # fmt: skip
+                              sampling=SamplingParams(max_new_tokens=16), decode_options=options, observer=events.append)  # fmt: skip
         assert [e.step for e in events] == list(range(1, len(events) + 1))
-        best_of_n(model, tokenizer, HASH_REWARD, PROMPTS, n=4, sampling=SamplingParams(max_new_tokens=16), options=options)
+        best_of_n(model, tokenizer, HASH_REWARD, PROMPTS, n=4, sampling=SamplingParams(max_new_tokens=16), decode_options=options)
 
 
 @pytest.mark.cuda
@@ -817,3 +817,21 @@ def test_cuda_memory_schedule_stays_within_the_budget():
                           sampling=SamplingParams(max_new_tokens=40), observer=events.append)  # fmt: skip
     assert sum(e.decision for e in events) >= 2
     assert max(e.kv_reserved_bytes for e in events) <= budget
+
+
+def test_memory_schedule_decides_when_the_sampled_tokens_would_pass_the_budget():
+    """``sequence_length`` counts the token just sampled (as in StepEvent): appending it needs
+    ``live_rows x sequence_length x b`` bytes, and the paper decides when that passes the budget."""
+    from lightning_sr.generation import DecodeState
+
+    schedule = MemorySchedule(budget_bytes=None, min_tokens=3)
+    fits = 4 * 10 * 3  # 4 live rows x (W + t = 10) columns x 3 bytes per token
+
+    def state(step, budget):
+        return DecodeState(step=step, sequence_length=7 + step, live_rows=4, num_prompts=2, kv_bytes_per_token=3,
+                           kv_budget_bytes=budget)  # fmt: skip
+
+    assert not schedule.should_decide(state(3, fits))  # exactly fits: keep decoding
+    assert schedule.should_decide(state(3, fits - 1))
+    assert not schedule.should_decide(state(2, 1))  # before min_tokens: never
+    assert not schedule.should_decide(state(3, None))

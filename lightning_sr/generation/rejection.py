@@ -49,7 +49,7 @@ def speculative_rejection(
     seed: int = 0,
     observer: Observer | None = None,
     chat_template: bool = True,
-    options: DecodeOptions | None = None,
+    decode_options: DecodeOptions | None = None,
 ) -> list[GenerationResult]:
     """Sample ``n`` responses per prompt, rejecting the weakest ``alpha`` at each decision point.
 
@@ -67,7 +67,7 @@ def speculative_rejection(
         sampling: :class:`SamplingParams`.
         seed: seed of the sampling generator; the same seed gives the same samples.
         observer: called with a :class:`StepEvent` for every decoding step.
-        options: :class:`DecodeOptions` (read-back cadence, CUDA graphs).
+        decode_options: :class:`DecodeOptions` (read-back cadence, CUDA graphs).
 
     Returns:
         One :class:`GenerationResult` per prompt, in order.
@@ -102,7 +102,7 @@ def speculative_rejection(
     run = _Run(
         model=model, tokenizer=tokenizer, reward=reward, prompts=list(prompts), n=n, alpha=alpha,
         schedule=schedule if alpha > 0 else FixedSchedule([]),  # alpha = 0: no decision point
-        budget=budget, per_token=per_token, sampling=sampling, observer=observer, options=options or DecodeOptions(),
+        budget=budget, per_token=per_token, sampling=sampling, observer=observer, options=decode_options or DecodeOptions(),
         eos_ids=stop_token_ids(model, tokenizer, sampling.stop_token_ids),
     )  # fmt: skip
     with torch.inference_mode():
@@ -120,7 +120,7 @@ def best_of_n(
     seed: int = 0,
     observer: Observer | None = None,
     chat_template: bool = True,
-    options: DecodeOptions | None = None,
+    decode_options: DecodeOptions | None = None,
 ) -> list[GenerationResult]:
     """Best-of-N: sample ``n`` complete responses per prompt and keep the best-scored one.
 
@@ -139,7 +139,7 @@ def best_of_n(
         seed=seed,
         observer=observer,
         chat_template=chat_template,
-        options=options,
+        decode_options=decode_options,
     )
 
 
@@ -175,7 +175,7 @@ class _Run:
             arena = max(arena, min(self.budget_tokens, rows * (self.width + self.max_limit - 1)))
         self.rollout = prefill(
             self.model, prompt_ids, self.n, pad_id, limits=limits, capacity=capacity, arena_tokens=arena,
-            eos_ids=self.eos_ids, dtype=cache_dtype(self.model), options=self.options,
+            eos_ids=self.eos_ids, dtype=cache_dtype(self.model), decode_options=self.options,
         )  # fmt: skip
         self._note_allocated()
         self._decode(generator)
@@ -271,7 +271,7 @@ class _Run:
     def _state(self, step: int) -> DecodeState:
         """The batch as the schedule sees it: ``step`` sampled, not yet in the cache."""
         live = int(self.rows.live.sum())
-        return DecodeState(step, self.width + max(step - 1, 0), live, len(self.prompts), self.per_token, self.budget)
+        return DecodeState(step, self.width + step, live, len(self.prompts), self.per_token, self.budget)
 
     def _next_check(self, step: int) -> int | None:
         check = self.schedule.next_check(self._state(step))

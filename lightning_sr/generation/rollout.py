@@ -208,7 +208,7 @@ def prefill(
     arena_tokens: int = 0,
     eos_ids=(),
     dtype: torch.dtype | None = None,
-    options: DecodeOptions | None = None,
+    decode_options: DecodeOptions | None = None,
 ) -> Rollout:
     """Run every prompt once and write its cache rows ``n`` times (rows ``p*n ... p*n+n-1``).
 
@@ -219,6 +219,7 @@ def prefill(
         arena_tokens: token slots to allocate for the cache (see :class:`StaticKVCache`).
         eos_ids: token ids that end a row.
         dtype: of the KV cache (default: the model's).
+        decode_options: :class:`DecodeOptions` (CUDA graphs and their bucket).
     """
     device = model.device
     ids, mask = left_pad(prompt_ids, pad_id, device)
@@ -252,7 +253,7 @@ def prefill(
         positions[:, -1].repeat_interleave(n, dim=0),
         torch.tensor(limits, device=device).repeat_interleave(n),
         eos_ids,
-        options,
+        decode_options,
     )
 
 

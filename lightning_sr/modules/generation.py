@@ -153,9 +153,9 @@ class SpeculativeRejectionModule(LightningModule):
             return []
         first = batch[0].get("index", batch_idx)
         status = _Status(self._trainer, batch_idx, len(items))
-        options = dict(
+        engine_args = dict(
             n=self.n, sampling=self.sampling, seed=self.seed + first, chat_template=self.chat_template,
-            options=self.decode_options,
+            decode_options=self.decode_options,
         )
         prompts = [item["prompt"] for item in items]
 
@@ -164,11 +164,11 @@ class SpeculativeRejectionModule(LightningModule):
             status.update(event)
 
         if self.method == "best_of_n":
-            results = best_of_n(self.generator, self.tokenizer, self.reward, prompts, observer=observe, **options)
+            results = best_of_n(self.generator, self.tokenizer, self.reward, prompts, observer=observe, **engine_args)
         else:
             results = speculative_rejection(
                 self.generator, self.tokenizer, self.reward, prompts,
-                alpha=self.alpha, schedule=self.schedule, observer=observe, **options,
+                alpha=self.alpha, schedule=self.schedule, observer=observe, **engine_args,
             )
         self._call_callbacks("on_generation_end", results)
         self._log_batch(results, batch_idx)
