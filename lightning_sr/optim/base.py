@@ -6,61 +6,42 @@ once (``_sparsify_reference``, at :meth:`~OnlineMergingOptimizer.set_base`) and 
 delta Δ is sparsified and merged with τ̃ (``_merge``; the paper's Eq. 2, θ ← θ + F(Δ) ⊕ F(τ)).
 Everything else is here:
 
-- the one signature (``lr`` ... ``seed``, documented in :data:`.online_merging.ARGUMENTS`) and
-  the validation of every param group as it is added;
+- the one signature (``lr`` ... ``seed``, documented in :data:`.online_merging.ARGUMENTS`;
+  :func:`.online_merging.extended_signature` adds a subclass's own) and the validation of every
+  param group as it is added;
 - the per-parameter state, created on first use (:mod:`.adam`'s moments, an fp32 master copy of
   half-precision parameters, OnDARE's random stream, step-K's buffer), and its checkpointed form
-  (:mod:`.state_dict`);
+  (both made by :mod:`.state_dict`);
 - ``set_base``: pairing the parameters with the base (:mod:`.reference`: by name through
-  :mod:`.names`, or by position for bare parameters) and storing τ̃; or, with ``base_model``
+  :mod:`.names`, or by position for bare parameters; the report) and storing τ̃; or, with ``base_model``
   given at construction, the same at the first ``step`` (:meth:`~OnlineMergingOptimizer._base_at_first_step`);
 - ``step``: the AdamW moments and decay of a param group with foreach kernels, then per
   parameter a plain, an accumulated or a merging update. Step-K (``merge_every=K``, the paper's
   Alg. 2) is the few lines of ``_update`` that accumulate K − 1 plain Adam steps and roll them
   back before the merge, so it stays with the update rather than in a module of its own.
-
-At about 500 lines this module is over the project's 400-line guide, knowingly: it is one state
-machine (a parameter's state is created, checkpointed, given its τ̃ and stepped here), and
-splitting it would spread one parameter's state over several modules. The pieces without state
-live apart: pairing (:mod:`.reference`, :mod:`.names`), the Adam math (:mod:`.adam`), the saved
-form (:mod:`.state_dict`), the sparsifiers (:mod:`.sparsify`), the shards (:mod:`.shards`).
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Mapping
 from itertools import chain
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
 from lightning_sr.optim.adam import AdamDelta, update_moments
 from lightning_sr.optim.online_merging import arguments_doc, check_hyperparameters, log
-from lightning_sr.optim.reference import BaseMatch, load_base, ordered_base, pair_by_position, pair_with_base
+from lightning_sr.optim.reference import (
+    BaseMatch, load_base, log_match, named_group, no_base_error, pair_parameters, parameter_names, resumed_match,
+)
 from lightning_sr.optim.shards import FlatShard, base_part, flat_shard, is_sharded, local
 from lightning_sr.optim.sparsify import index_dtype
-from lightning_sr.optim.state_dict import restored_entry, saved_entry
+from lightning_sr.optim.state_dict import new_entry, restored_entries, saved_entries, tau_bytes
 
-__all__ = ["OnlineMergingOptimizer", "extended_signature"]
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def extended_signature(init, **extra: tuple[object, object]) -> inspect.Signature:
-    """``init``'s signature followed by the keyword-only arguments ``extra`` (``name=(annotation,
-    default)``): how a subclass adds its own hyperparameters to the one signature (OnDARE's
-    ``clamp_reference``), for ``inspect.signature`` and so for LightningCLI."""
-    signature = inspect.signature(init, eval_str=True)
-    added = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-        for name, (annotation, default) in extra.items()
-    ]
-    return signature.replace(parameters=[*signature.parameters.values(), *added])
+__all__ = ["OnlineMergingOptimizer"]
 
 
 class OnlineMergingOptimizer(Optimizer):
@@ -69,8 +50,8 @@ class OnlineMergingOptimizer(Optimizer):
     Both take this signature, OnDARE one more argument. Subclasses define how the reference delta
     is sparsified once (``_sparsify_reference``) and how a step's delta is merged with it
     (``_merge``); one that adds hyperparameters sets ``_extra_defaults`` before calling this
-    ``__init__`` and publishes them with :func:`extended_signature`. Every param group's
-    hyperparameters are validated when it is added.
+    ``__init__`` and publishes them with :func:`~.online_merging.extended_signature`. Every param
+    group's hyperparameters are validated when it is added.
 
     Where the base model comes from: ``base_model`` here (any training loop: plain PyTorch,
     Fabric, litgpt, LightningCLI's ``--optimizer``, Hugging Face ``Trainer``; τ is computed at the
@@ -139,17 +120,7 @@ class OnlineMergingOptimizer(Optimizer):
         (``params`` and ``param_names``) on any torch version, so the names can pair with the
         base's."""
         check_hyperparameters(type(self).__name__, {**self.defaults, **param_group})
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        if params and all(isinstance(p, tuple) and len(p) == 2 for p in params):
-            param_group = {**param_group, "params": [p for _, p in params], "param_names": [n for n, _ in params]}
-        elif any(isinstance(p, tuple) for p in params):
-            raise ValueError(
-                f"{type(self).__name__}: a param group mixes (name, parameter) pairs with bare parameters"
-            )
-        else:
-            param_group = {**param_group, "params": params}
-        super().add_param_group(param_group)
+        super().add_param_group(named_group(type(self).__name__, param_group))
         if hasattr(self, "_shards"):  # a group added after construction
             self._create_sharded_state()
 
@@ -188,14 +159,7 @@ class OnlineMergingOptimizer(Optimizer):
         if "step" in state:
             return state
         part = local(param)
-        work_dtype = torch.float32 if part.dtype in _LOW_PRECISION else part.dtype
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros(part.shape, dtype=work_dtype, device=part.device)
-        state["exp_avg_sq"] = torch.zeros(part.shape, dtype=work_dtype, device=part.device)
-        if part.dtype != work_dtype or not part.is_contiguous():
-            state["master"] = part.detach().to(work_dtype, copy=True).contiguous()
-        if group["merge_every"] > 1:
-            state["accumulated"] = torch.zeros(part.shape, dtype=work_dtype, device=part.device)
+        state.update(new_entry(part, group["merge_every"]))
         if self._uses_rng:
             self._seed(state, group, position, part.device)
         return state
@@ -234,40 +198,19 @@ class OnlineMergingOptimizer(Optimizer):
         return any("tau_idx" in s for s in self.state.values())
 
     def state_dict(self) -> dict:
-        """torch's optimizer state dict; a sharded parameter's state is given as ``DTensor`` s.
-
-        Its moments, master copy and step-K buffer are wrapped (no copy) in the parameter's own
-        layout, and τ̃ is given densely in that layout (``tau``, zeros where nothing is kept,
-        with ``has_tau`` saying whether a base was set), so that torch's distributed checkpoint
-        saves every rank's part and loads it back on any number of ranks. The mask generator's
-        state and the step are the same on every rank. Unsharded parameters keep τ̃ sparse
-        (``tau_idx``, ``tau_val``). The conversions are :mod:`.state_dict`'s.
+        """torch's optimizer state dict; a sharded parameter's state is given as ``DTensor`` s
+        (τ̃ densely, as ``tau``), which torch's distributed checkpoint saves per rank and loads
+        back on any number of ranks; unsharded parameters keep τ̃ sparse. See :mod:`.state_dict`.
         """
-        saved = super().state_dict()
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for index, param in enumerate(params):
-            if index in saved["state"]:
-                saved["state"][index] = saved_entry(param, saved["state"][index])
-        return saved
+        return saved_entries(super().state_dict(), self.param_groups)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state saved by ``state_dict()``, keeping each tensor's own dtype.
-
-        ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor, and the
-        integer ones too, to the parameter's dtype: that would round τ̃'s int32 indices,
-        corrupt the generator state and turn fp32 masters of bf16 parameters into bf16. Here the
-        tensors are only moved to the parameter's device (the generator state, a byte tensor
-        for the generator on the parameter's device, stays on the CPU where torch keeps it).
-        ``DTensor`` values (the sharded form of :meth:`state_dict`) are laid out like their
-        parameter and replaced by their local part; a dense ``tau`` becomes sparse again.
+        """Load a state saved by ``state_dict()``, keeping each tensor's own dtype (torch's
+        would cast τ̃'s indices, the generator state and fp32 masters to the parameter's dtype);
+        ``DTensor`` values become the local part of the current layout. See :mod:`.state_dict`.
         """
-        saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, param in zip(saved_ids, params):
-            if saved_id in saved_state:
-                self.state[param] = restored_entry(param, saved_state[saved_id])
+        self.state.update(restored_entries(state_dict, self.param_groups))
 
     # ---------------------------------------------------------------- base -----------------------
 
@@ -315,24 +258,11 @@ class OnlineMergingOptimizer(Optimizer):
         cls = type(self).__name__
         positions = self._positions()
         rename = self.rename if rename is None else dict(rename)
-        labels = self._labels(model)
-        if labels is None:  # bare parameters: the i-th parameter with the base's i-th tensor
-            ordered = ordered_base(base)
-            params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-            by_position, unpaired = pair_by_position(cls, params, ordered, self.state)
-            labels = {id(p): f"#{i}" for i, p in enumerate(params)}
-            base_tensors = dict(ordered)
-            pairs = {f"#{i}": name for i, name in by_position.items()}
-            reasons = {f"#{i}": why for i, why in unpaired.items()}
-            by = "position"
-        else:
-            base_tensors = base.state_dict() if isinstance(base, nn.Module) else base
-            trainable = {labels[id(p)]: p for g in self.param_groups for p in g["params"] if p.requires_grad}
-            pairs, reasons = pair_with_base(cls, trainable, base_tensors, self.state, rename)
-            by = "name"
+        pairing = pair_parameters(cls, self.param_groups, model, base, self.state, rename)
+        labels, pairs, reasons = pairing.labels, pairing.pairs, pairing.reasons
         self._base["source"] = None  # this base replaces one given at construction
         entries = [(g, p, labels[id(p)]) for g in self.param_groups for p in g["params"] if p.requires_grad]
-        report = BaseMatch(by=by)
+        report = BaseMatch(by=pairing.by)
         for group, param, name in entries:
             state = self._state_for(param, group, positions[id(param)])
             if state["step"] > 0:  # trained: keep the stored τ̃ (or plain AdamW) as it is
@@ -350,7 +280,7 @@ class OnlineMergingOptimizer(Optimizer):
             if self._uses_rng:  # M₀ from the start of the stream, however often set_base is called
                 self._seed(state, group, positions[id(param)], param.device)
             current = self._weight(param, state).detach()
-            base_values = base_part(base_tensors[pairs[name]], param, self._shard(param))
+            base_values = base_part(pairing.base[pairs[name]], param, self._shard(param))
             tau = current - base_values.to(device=current.device, dtype=current.dtype)
             idx, values = self._sparsify_reference(tau.reshape(-1), state, group, self._shard(param))
             nonzero = values != 0
@@ -359,36 +289,9 @@ class OnlineMergingOptimizer(Optimizer):
             report.matched[name] = pairs[name]
             report.kept += int(nonzero.sum())
             report.dense += tau.numel()
-        if report.restored:
-            log.warning(
-                "%s.set_base: %d parameters have already taken steps (state from load_state_dict, "
-                "or training had started); they keep the reference delta τ̃ stored in the optimizer "
-                "state instead of recomputing it from trained weights. Build a new optimizer to "
-                "start over from another base.",
-                cls,
-                len(report.restored),
-            )
         self._base["match"] = report
-        if not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0:
-            log.info("%s", report.summary(cls))
+        log_match(cls, report)
         return report
-
-    def _labels(self, model: nn.Module | None) -> dict[int, str] | None:
-        """Each parameter's name (by ``id``): from ``model``, else from the optimizer's named
-        param groups; None when the parameters are bare (they pair by position)."""
-        if model is not None:
-            names = {id(p): n for n, p in model.named_parameters()}
-            for i, param in enumerate(chain.from_iterable(g["params"] for g in self.param_groups)):
-                if id(param) not in names:
-                    raise ValueError(
-                        f"{type(self).__name__}.set_base: parameter #{i} of shape {tuple(param.shape)} "
-                        "is not a parameter of the given model; pass the module whose parameters the "
-                        "optimizer was built from"
-                    )
-            return names
-        if self.param_groups and all("param_names" in g for g in self.param_groups):
-            return {id(p): n for g in self.param_groups for n, p in zip(g["param_names"], g["params"])}
-        return None
 
     @torch.no_grad()
     def _base_at_first_step(self) -> None:
@@ -404,13 +307,11 @@ class OnlineMergingOptimizer(Optimizer):
         parameter with steps taken) keeps the checkpoint's τ̃ and loads no base at all, so a
         resumed run ends where an uninterrupted one would.
         """
-        trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        labels = self._labels(None)
-        if trainable and all(self.state.get(p, {}).get("step", 0) > 0 for p in trainable):
-            positions = self._positions()
-            restored = [labels[id(p)] if labels else f"#{positions[id(p)]}" for p in trainable]
+        labels = parameter_names(type(self).__name__, self.param_groups)
+        resumed = resumed_match(self.param_groups, self.state, labels)
+        if resumed is not None:
             self._base["source"] = None
-            self._base["match"] = BaseMatch(by="position" if labels is None else "name", restored=restored)
+            self._base["match"] = resumed
             log.info("%s: resumed, so the τ̃ in the optimizer state is kept; base_model is not loaded",
                      type(self).__name__)
             return
@@ -419,12 +320,7 @@ class OnlineMergingOptimizer(Optimizer):
 
     def reference_bytes(self) -> int:
         """Bytes held by the stored τ̃ (indices and values) over all parameters."""
-        return sum(
-            s[k].numel() * s[k].element_size()
-            for s in self.state.values()
-            for k in ("tau_idx", "tau_val")
-            if k in s
-        )
+        return tau_bytes(self.state.values())
 
     # ---------------------------------------------------------------- step -----------------------
 
@@ -438,15 +334,7 @@ class OnlineMergingOptimizer(Optimizer):
         if self._base["source"] is not None:  # base_model given at construction: τ from the weights now
             self._base_at_first_step()
         if any(g["merge_weight"] > 0 for g in self.param_groups) and not self._has_base():
-            raise RuntimeError(
-                f"{type(self).__name__}: merge_weight > 0 but no base model is set. Pass "
-                f"{type(self).__name__}(..., base_model=<path, hub id or state dict>) (a bare class "
-                "path takes no arguments: use the class_path + init_args form, e.g. litgpt's "
-                "--optimizer '{\"class_path\": ..., \"init_args\": {\"base_model\": ...}}'), call "
-                "optimizer.set_base(model, base_model) before training, or add the "
-                "lightning_sr.callbacks.OnlineMerging(base_model=...) callback to the Trainer "
-                "(or set merge_weight=0)."
-            )
+            raise no_base_error(type(self).__name__)
         loss = None
         if closure is not None:
             with torch.enable_grad():

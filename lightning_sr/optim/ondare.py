@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from lightning_sr.optim.base import OnlineMergingOptimizer, extended_signature
-from lightning_sr.optim.online_merging import arguments_doc
+from lightning_sr.optim.base import OnlineMergingOptimizer
+from lightning_sr.optim.online_merging import arguments_doc, extended_signature
 from lightning_sr.optim.sparsify import shard_bernoulli_indices, shard_bernoulli_mask
 
 __all__ = ["OnDARE"]

@@ -73,12 +73,14 @@ Where each part lives (data flows down this list: a module imports only modules 
   τ is sparsified once and how a step's Δ is merged with it.
 - :mod:`.base` (:class:`~.base.OnlineMergingOptimizer`): what both share, the one signature,
   the state, ``set_base`` (and ``base_model`` at the first step), ``step`` and step-K.
-- :mod:`.adam` (the AdamW moments, decay and Δ), :mod:`.state_dict` (the checkpointed form of
-  the state, sharded or not), :mod:`.reference` (pairing the parameters with the base before τ is
-  computed, by name or by position, loading ``base_model``, and :class:`~.reference.BaseMatch`),
+- :mod:`.adam` (the AdamW moments, decay and Δ), :mod:`.state_dict` (a parameter's fresh state
+  and its checkpointed form, sharded or not), :mod:`.reference` (pairing the parameters with the
+  base before τ is computed, by name or by position, loading ``base_model``, the resumed check,
+  and :class:`~.reference.BaseMatch` and its log line),
   :mod:`.names` (matching parameter names to the base's names).
 - this module: what the hyperparameters mean (the argument docs both classes' docstrings are
-  built from) and which values are valid, and the optimizers' logger.
+  built from, and :func:`extended_signature`, which adds a subclass's own to the one signature)
+  and which values are valid, and the optimizers' logger.
 - :mod:`.sparsify` (which coordinates are kept) and :mod:`.shards` (where a shard's elements sit).
 
 This package imports no Lightning.
@@ -86,6 +88,7 @@ This package imports no Lightning.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import textwrap
 import warnings
@@ -93,7 +96,7 @@ from collections.abc import Mapping
 
 from lightning_sr.optim.sparsify import MIN_KEEP_RATE
 
-__all__ = ["ARGUMENTS", "arguments_doc", "check_hyperparameters", "log"]
+__all__ = ["ARGUMENTS", "arguments_doc", "check_hyperparameters", "extended_signature", "log"]
 
 log = logging.getLogger(__name__)
 """The logger of all the online merging optimizers' messages (``set_base``'s among them)."""
@@ -156,6 +159,18 @@ def arguments_doc(**own: str) -> str:
             )
         )
     return "\n".join(lines) + "\n"
+
+
+def extended_signature(init, **extra: tuple[object, object]) -> inspect.Signature:
+    """``init``'s signature followed by the keyword-only arguments ``extra`` (``name=(annotation,
+    default)``): how a subclass adds its own hyperparameters to the one signature (OnDARE's
+    ``clamp_reference``), for ``inspect.signature`` and so for LightningCLI."""
+    signature = inspect.signature(init, eval_str=True)
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, (annotation, default) in extra.items()
+    ]
+    return signature.replace(parameters=[*signature.parameters.values(), *added])
 
 
 def check_hyperparameters(name: str, group: Mapping) -> None:

@@ -12,23 +12,35 @@ in a :class:`BaseMatch`. Two ways to pair:
   ``model.parameters()`` (litgpt, LightningCLI's ``--optimizer``): the i-th parameter over all
   groups with the i-th tensor of the base *in module order*, every shape checked.
 
+:func:`pair_parameters` is that first part of ``set_base`` (names from :func:`parameter_names`,
+then either way; the result is a :class:`Pairing`), :func:`log_match` logs the report, and
+:func:`named_group` turns param groups of ``(name, parameter)`` pairs into torch's named groups.
 :func:`load_base` turns what a user gives as ``base_model`` (a path, a hub id, an embedded name, a
-state dict, a module) into the tensors each way needs, through :mod:`lightning_sr.loading`.
+state dict, a module) into the tensors each way needs, through :mod:`lightning_sr.loading`;
+:func:`resumed_match` tells a resumed optimizer, which needs none, and :func:`no_base_error` says
+how to give one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lightning_sr.optim.names import match_names
+from lightning_sr.optim.online_merging import log
 from lightning_sr.optim.shards import is_sharded
 
-__all__ = ["BaseMatch", "pair_with_base", "pair_by_position", "ordered_base", "load_base", "check_untrained"]
+__all__ = [
+    "BaseMatch", "Pairing", "named_group", "parameter_names", "pair_parameters", "pair_with_base",
+    "pair_by_position", "ordered_base", "resumed_match", "log_match", "load_base", "no_base_error",
+    "check_untrained",
+]
 
 
 @dataclass
@@ -76,8 +88,85 @@ class BaseMatch:
         return text
 
 
+@dataclass
+class Pairing:
+    """What ``set_base`` needs from the pairing (:func:`pair_parameters`), before any state changes.
+
+    ``labels`` names every parameter (by ``id``; ``"#i"`` by position), ``base`` holds the base's
+    tensors by base name, ``pairs`` maps a trainable parameter's name to its base name and
+    ``reasons`` says why each unpaired one has none.
+    """
+
+    by: str
+    labels: dict[int, str]
+    base: Mapping[str, torch.Tensor]
+    pairs: dict[str, str]
+    reasons: dict[str, str]
+
+
 def _shape(value) -> tuple:
     return tuple(value.shape)
+
+
+def named_group(cls: str, param_group: dict) -> dict:
+    """``param_group`` with ``(name, parameter)`` pairs made torch's named group (``params`` and
+    ``param_names``) on any torch version, so the names can pair with the base's; bare
+    parameters stay as they are (a single tensor becomes a list). Mixing both raises."""
+    params = param_group["params"]
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    if params and all(isinstance(p, tuple) and len(p) == 2 for p in params):
+        return {**param_group, "params": [p for _, p in params], "param_names": [n for n, _ in params]}
+    if any(isinstance(p, tuple) for p in params):
+        raise ValueError(f"{cls}: a param group mixes (name, parameter) pairs with bare parameters")
+    return {**param_group, "params": params}
+
+
+def parameter_names(cls: str, param_groups: list[dict], model: nn.Module | None = None) -> dict[int, str] | None:
+    """Each parameter's name (by ``id``): from ``model``, else from the optimizer's named
+    param groups; None when the parameters are bare (they pair by position)."""
+    if model is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        for i, param in enumerate(chain.from_iterable(g["params"] for g in param_groups)):
+            if id(param) not in names:
+                raise ValueError(
+                    f"{cls}.set_base: parameter #{i} of shape {tuple(param.shape)} "
+                    "is not a parameter of the given model; pass the module whose parameters the "
+                    "optimizer was built from"
+                )
+        return names
+    if param_groups and all("param_names" in g for g in param_groups):
+        return {id(p): n for g in param_groups for n, p in zip(g["param_names"], g["params"])}
+    return None
+
+
+def pair_parameters(
+    cls: str,
+    param_groups: list[dict],
+    model: nn.Module | None,
+    base: nn.Module | Mapping[str, torch.Tensor],
+    state: Mapping,
+    rename: Mapping[str, str | None],
+) -> Pairing:
+    """Pair the trainable parameters of ``param_groups`` with ``base``: by name when they have
+    names (:func:`parameter_names`, :func:`pair_with_base`), else the i-th parameter with the
+    base's i-th tensor (:func:`ordered_base`, :func:`pair_by_position`). Raises before any
+    state changes."""
+    labels = parameter_names(cls, param_groups, model)
+    if labels is None:  # bare parameters: the i-th parameter with the base's i-th tensor
+        ordered = ordered_base(base)
+        params = list(chain.from_iterable(g["params"] for g in param_groups))
+        by_position, unpaired = pair_by_position(cls, params, ordered, state)
+        return Pairing(
+            by="position",
+            labels={id(p): f"#{i}" for i, p in enumerate(params)},
+            base=dict(ordered),
+            pairs={f"#{i}": name for i, name in by_position.items()},
+            reasons={f"#{i}": why for i, why in unpaired.items()},
+        )
+    base_tensors = base.state_dict() if isinstance(base, nn.Module) else base
+    trainable = {labels[id(p)]: p for g in param_groups for p in g["params"] if p.requires_grad}
+    pairs, reasons = pair_with_base(cls, trainable, base_tensors, state, rename)
+    return Pairing(by="name", labels=labels, base=base_tensors, pairs=pairs, reasons=reasons)
 
 
 def check_untrained(cls: str, label: str, entry: Mapping) -> None:
@@ -183,6 +272,46 @@ def pair_by_position(
     for i, param in enumerate(params):
         check_untrained(cls, f"#{i}", state.get(param, {}))
     return pairs, unpaired
+
+
+def resumed_match(param_groups: list[dict], state: Mapping, labels: dict[int, str] | None) -> BaseMatch | None:
+    """The :class:`BaseMatch` of a resumed optimizer (every trainable parameter has taken steps,
+    its state from ``load_state_dict``: it keeps the checkpoint's τ̃ and needs no base), or None
+    when it is not resumed. ``labels`` as :func:`parameter_names` gives them."""
+    trainable = [p for g in param_groups for p in g["params"] if p.requires_grad]
+    if not trainable or not all(state.get(p, {}).get("step", 0) > 0 for p in trainable):
+        return None
+    positions = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in param_groups))}
+    restored = [labels[id(p)] if labels else f"#{positions[id(p)]}" for p in trainable]
+    return BaseMatch(by="position" if labels is None else "name", restored=restored)
+
+
+def log_match(cls: str, report: BaseMatch) -> None:
+    """Log what ``set_base`` paired (on rank 0), and warn if some parameters kept their τ̃."""
+    if report.restored:
+        log.warning(
+            "%s.set_base: %d parameters have already taken steps (state from load_state_dict, "
+            "or training had started); they keep the reference delta τ̃ stored in the optimizer "
+            "state instead of recomputing it from trained weights. Build a new optimizer to "
+            "start over from another base.",
+            cls,
+            len(report.restored),
+        )
+    if not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0:
+        log.info("%s", report.summary(cls))
+
+
+def no_base_error(cls: str) -> RuntimeError:
+    """The error of a step with ``merge_weight > 0`` and no base set: the ways to give one."""
+    return RuntimeError(
+        f"{cls}: merge_weight > 0 but no base model is set. Pass "
+        f"{cls}(..., base_model=<path, hub id or state dict>) (a bare class "
+        "path takes no arguments: use the class_path + init_args form, e.g. litgpt's "
+        "--optimizer '{\"class_path\": ..., \"init_args\": {\"base_model\": ...}}'), call "
+        "optimizer.set_base(model, base_model) before training, or add the "
+        "lightning_sr.callbacks.OnlineMerging(base_model=...) callback to the Trainer "
+        "(or set merge_weight=0)."
+    )
 
 
 def load_base(source, by_position: bool, **load_kwargs):
