@@ -412,7 +412,6 @@ def best_speedup(rows: list[dict]) -> dict:
 
 def phase_memory(figures: Figures, work: Path, cap: float, dry_run: bool) -> None:
     import memory_profiler_overhead
-    import torch
 
     folder = work / "memory"
     models = _predict_models(folder, dry_run)
@@ -427,7 +426,6 @@ def phase_memory(figures: Figures, work: Path, cap: float, dry_run: bool) -> Non
     argv += ["--reps", "2", "--steps", "8", "--warmup", "2", "--width", "64", "--hidden", "64", "--hook-iterations", "50"] \
         if dry_run else ["--reps", "4", "--steps", "40", "--hook-iterations", "2000"]  # fmt: skip
     attempt(figures, "overhead", memory_profiler_overhead.main, argv)
-    figures["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
 
 class CapReached(BaseException):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sr.optim import OnDARE, OnTIES, align_names, online_merging
+from lightning_sr.optim import OnDARE, OnTIES, match_names, online_merging
 from lightning_sr.optim.sparsify import (
     MIN_KEEP_RATE,
     bernoulli_indices,
@@ -843,13 +843,13 @@ def test_no_closure_grad_scaler_path():
     torch.testing.assert_close(model.weight, ref.weight, rtol=1e-5, atol=1e-7)
 
 
-def test_align_names_strips_prefixes_on_either_side():
+def test_match_names_strips_prefixes_on_either_side():
     base = ["model.layers.0.w", "model.layers.1.w", "lm_head.weight", "model.norm.weight"]
     names = ["policy.model.layers.0.w", "policy.lm_head.weight", "policy.value_head.weight", "norm.weight"]
-    assert align_names(names, base) == {
+    assert match_names(names, base).pairs == {
         "policy.model.layers.0.w": "model.layers.0.w",
         "policy.lm_head.weight": "lm_head.weight",
         "norm.weight": "model.norm.weight",
     }
     # a name that several base names end with is ambiguous and left unmatched
-    assert align_names(["w"], ["a.w", "b.w"]) == {}
+    assert match_names(["w"], ["a.w", "b.w"]).pairs == {}

@@ -5,9 +5,9 @@ part; import the public names from here.
 """
 
 from lightning_sr.optim.base import OnlineMergingOptimizer
-from lightning_sr.optim.names import NameMatch, align_names, match_names
+from lightning_sr.optim.names import NameMatch, match_names
 from lightning_sr.optim.ondare import OnDARE
 from lightning_sr.optim.onties import OnTIES
 from lightning_sr.optim.reference import BaseMatch
 
-__all__ = ["OnDARE", "OnTIES", "OnlineMergingOptimizer", "BaseMatch", "NameMatch", "align_names", "match_names"]
+__all__ = ["OnDARE", "OnTIES", "OnlineMergingOptimizer", "BaseMatch", "NameMatch", "match_names"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["WRAPPER_SEGMENTS", "NameMatch", "align_names", "match_names"]
+__all__ = ["WRAPPER_SEGMENTS", "NameMatch", "match_names"]
 
 WRAPPER_SEGMENTS = frozenset(
     {
@@ -187,23 +187,3 @@ def match_names(
             others = [n for n in rivals if n != name]
             result.unmatched[name] = f"its base tensor {claims[name]!r} is also claimed by {others[:3]}"
     return result
-
-
-def align_names(
-    names: Iterable[str],
-    base_names: Iterable[str],
-    shapes: Mapping[str, tuple] | None = None,
-    base_shapes: Mapping[str, tuple] | None = None,
-    rename: Mapping[str, str | None] | None = None,
-) -> dict[str, str]:
-    """``{name: base name}`` for the names :func:`match_names` pairs, in the order of ``names``.
-
-    A LightningModule that holds a Hugging Face model as ``self.policy`` names its weights
-    ``policy.model.layers.0...`` while the base model calls them ``model.layers.0...``; a reward
-    model built around the SFT network has ``model._orig_mod.backbone.transformer...`` where the
-    SFT checkpoint has ``model._orig_mod.transformer...``. Both pair up: identical names first,
-    then the longest unique dotted suffix (of equal shape when ``shapes`` are given), with
-    wrapper segments (``_orig_mod``, ``_fsdp_wrapped_module``, ...) ignored. Names without a pair
-    are left out; :func:`match_names` says why.
-    """
-    return match_names(names, base_names, shapes, base_shapes, rename).pairs
