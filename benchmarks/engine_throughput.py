@@ -19,8 +19,11 @@ of each decoding step (from the engine's step events, and a logits processor in 
 show the step time against the generated length: with a cache copied at every step (today's
 ``DynamicCache``) it grows with the cache, with a static cache only with the attention's reads.
 
-A last table times one decision point of the engine: ``Rollout.resize`` (survivors moved within the
-KV arena) against re-prefilling the survivors from their ids, and compares their logits.
+A table times one decision point of the engine: ``Rollout.resize`` (survivors moved within the
+KV arena) against re-prefilling the survivors from their ids, and compares their logits. A last
+one times one sampling call of each engine (``sample_next_token`` of ``rows`` logits over the
+model's vocabulary, temperature 0.7, top-k 50, median of 30), which the full runs cannot resolve:
+the baseline scales the whole vocabulary by the temperature, this engine the top-k survivors only.
 
 With ``--bandwidth GB/s`` (the device's memory bandwidth, e.g. 3350 for an H100 SXM) each row gets
 an HBM roofline: ``rows / ((weight bytes + KV bytes read per step) / bandwidth)`` tokens/s, the
@@ -33,7 +36,8 @@ Usage::
     .venv/bin/python benchmarks/engine_throughput.py --preset tiny                   # seconds
 
 Writes ``benchmarks/results/engine_throughput_<preset>.{csv,json,png}``,
-``engine_step_times_<preset>.csv``, ``engine_decision_<preset>.csv`` and, as the runs end,
+``engine_step_times_<preset>.csv``, ``engine_decision_<preset>.csv``,
+``engine_sampler_<preset>.csv`` and, as the runs end,
 ``engine_runs_<preset>.jsonl`` (``--out`` changes the folder).
 """
 
@@ -177,6 +181,8 @@ def run_job(job: dict, model, tokenizer, prompt: str) -> dict:
 
     if job["kind"] == "decision":
         return time_decision(job, model, tokenizer, prompt)
+    if job["kind"] == "sampler":
+        return time_sampler(job, model)
     rows, tokens, greedy = job["rows"], job["new_tokens"], job.get("mode") == "greedy"
     never = model.config.vocab_size + 1  # a stop id no row can sample: the engines need one
     sampling = SamplingParams(temperature=0.0 if greedy else 1.0, top_k=50, max_new_tokens=tokens, stop_token_ids=(never,))
@@ -243,6 +249,21 @@ def time_decision(job: dict, model, tokenizer, prompt: str) -> dict:
         diff = (rollout.logits - fresh.logits).abs().max().item()
     return {"resize_s": resize.seconds, "reprefill_s": reprefill.seconds, "max_logit_diff": diff,
             "kv_bytes_before": kv_before, "sequence_length": rollout.sequence_length}  # fmt: skip
+
+
+def time_sampler(job: dict, model) -> dict:
+    """One ``sample_next_token`` call over ``rows`` logits of the model's vocabulary: median of 30."""
+    from lightning_sr.generation import SamplingParams
+    from lightning_sr.generation.sampling import sample_next_token
+
+    generator = torch.Generator(device=model.device).manual_seed(0)
+    logits = 4 * torch.randn(job["rows"], model.config.vocab_size, generator=generator, device=model.device)
+    params, seconds = SamplingParams(temperature=0.7, top_k=50), []
+    for _ in range(31):  # the first call warms up
+        with Timer(model.device) as timer:
+            sample_next_token(logits, params, generator)
+        seconds.append(timer.seconds)
+    return {"seconds": statistics.median(seconds[1:])}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -386,9 +407,9 @@ def model_facts(name: str, args) -> dict:
     }
 
 
-def measure(args, workers: dict) -> tuple[list[dict], list[dict], list[dict], list[str]]:
+def measure(args, workers: dict) -> tuple[list[dict], list[dict], list[dict], list[dict], list[str]]:
     impls = [impl for impl in IMPLS if impl in workers or impl == "generate"]
-    rows_out, steps_out, decisions, failed = [], [], [], []
+    rows_out, steps_out, decisions, samplers, failed = [], [], [], [], []
     log = args.out / f"engine_runs_{args.preset}.jsonl"  # every run as it ends, in case a later one fails
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
@@ -404,6 +425,11 @@ def measure(args, workers: dict) -> tuple[list[dict], list[dict], list[dict], li
             decisions.append({"model": model, "rows": rows, "survivors": rows // 2 + rows % 2,
                               "generated": args.decision_length, **decision,
                               "reprefill_over_resize": decision["reprefill_s"] / decision["resize_s"]})  # fmt: skip
+        for rows in sorted(set(args.rows) | set(args.greedy_rows)):
+            job = {"model": model, "kind": "sampler", "rows": rows}
+            ms = {impl: 1000 * owner.run(job)["seconds"] for impl, owner in workers.items()}
+            samplers.append({"model": model, "rows": rows, **{f"{impl}_ms": value for impl, value in ms.items()},
+                             "baseline_over_engine": ms["baseline"] / ms["engine"] if "baseline" in ms else None})  # fmt: skip
         cells = [(rows, "sampled") for rows in args.rows] + [(rows, "greedy") for rows in args.greedy_rows]
         for rows, mode in sorted(cells, key=lambda cell: (cell[0], cell[1] == "greedy")):  # the largest last
             results: dict[str, list[dict]] = {impl: [] for impl in impls}
@@ -442,7 +468,7 @@ def measure(args, workers: dict) -> tuple[list[dict], list[dict], list[dict], li
                 row["vs_baseline"] = row["tokens_per_s"] / rates["baseline"] if "baseline" in rates else None
                 row["roofline_tok_s"] = bound
                 row["of_roofline"] = row["tokens_per_s"] / bound if bound else None
-    return rows_out, steps_out, decisions, failed
+    return rows_out, steps_out, decisions, samplers, failed
 
 
 def plot(tput: list[dict], steps: list[dict], path: Path, title: str) -> None:
@@ -496,7 +522,7 @@ def main(argv=None) -> tuple[list[dict], list[dict], list[dict]]:
         if not args.no_baseline:
             workers["baseline"] = Worker(extract_baseline(args.baseline_ref, Path(folder)), args)
         try:
-            tput, steps, decisions, failed = measure(args, workers)
+            tput, steps, decisions, samplers, failed = measure(args, workers)
         finally:
             for worker_process in workers.values():
                 worker_process.close()
@@ -504,6 +530,7 @@ def main(argv=None) -> tuple[list[dict], list[dict], list[dict]]:
                        "roofline_tok_s", "of_roofline"])  # fmt: skip
     print_table(steps, list(steps[0]) if steps else [])
     print_table(decisions, list(decisions[0]) if decisions else [])
+    print_table(samplers, list(samplers[0]) if samplers else [])
     engine = [r for r in tput if r["impl"] == "engine"]
     target = [r for r in engine if r["rows"] == TARGET_ROWS and r["vs_baseline"] is not None]
     targets = {
@@ -526,6 +553,7 @@ def main(argv=None) -> tuple[list[dict], list[dict], list[dict]]:
     write_csv(stem.with_suffix(".csv"), tput)
     write_csv(args.out / f"engine_step_times_{args.preset}.csv", steps)
     write_csv(args.out / f"engine_decision_{args.preset}.csv", decisions)
+    write_csv(args.out / f"engine_sampler_{args.preset}.csv", samplers)
     title = (f"{args.preset}: {args.new_tokens} new tokens, {args.dtype}, {args.device}, "
              f"{args.threads or torch.get_num_threads()} torch thread(s), baseline {args.baseline_ref}")  # fmt: skip
     plot(tput, steps, stem.with_suffix(".png"), title)
@@ -542,9 +570,11 @@ def main(argv=None) -> tuple[list[dict], list[dict], list[dict]]:
             "throughput": tput,
             "step_times": steps,
             "decision": decisions,
+            "sampler": samplers,
         },
     )
-    print(f"wrote {stem}.csv, .json, .png, engine_step_times_{args.preset}.csv, engine_decision_{args.preset}.csv")
+    print(f"wrote {stem}.csv, .json, .png, engine_step_times_{args.preset}.csv, engine_decision_{args.preset}.csv, "
+          f"engine_sampler_{args.preset}.csv")
     return tput, steps, decisions
 
 

@@ -93,6 +93,9 @@ def test_engine_throughput_tiny_writes_csvs_and_plot(tmp_path):
     assert (int(decision["rows"]), int(decision["survivors"]), int(decision["generated"])) == (4, 2, 2)
     # Moving the survivors within the cache gives the same next-token logits as re-prefilling them.
     assert float(decision["max_logit_diff"]) < 1e-4
+    samplers = read_csv(tmp_path / "engine_sampler_tiny.csv")
+    assert [int(r["rows"]) for r in samplers] == [1, 3]
+    assert all(float(r["engine_ms"]) > 0 and float(r["baseline_over_engine"]) > 0 for r in samplers)
     assert (tmp_path / "engine_throughput_tiny.png").read_bytes()[:8] == PNG_MAGIC
     meta = json.loads((tmp_path / "engine_throughput_tiny.json").read_text())
     assert set(meta["targets"]) == {"engine_vs_baseline", "engine_vs_generate"}
