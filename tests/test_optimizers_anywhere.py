@@ -2,10 +2,11 @@
 
 One test per training loop that builds the optimizer by class and arguments alone: plain
 PyTorch, Lightning Fabric (both packages), LightningCLI's ``--optimizer`` without the
-``OnlineMerging`` callback (both packages), Hugging Face ``Trainer`` (``optimizer_cls_and_kwargs``)
+``OnlineMerging`` callback (both packages), Hugging Face ``Trainer`` (``optimizer_cls_and_kwargs``),
+TRL's ``DPOTrainer`` (``optimizers=``: it takes no ``optimizer_cls_and_kwargs``; skipped without trl)
 and litgpt's ``finetune_full`` (skipped unless litgpt is importable: its pins conflict with
 transformers 5, so it is not in the test extras). Each runs a few steps on a tiny random model and
-checks that τ ≠ 0 was merged; the plain-PyTorch, Fabric, Lightning and LightningCLI routes are
+checks that τ ≠ 0 was merged; the plain-PyTorch, Fabric, Lightning, LightningCLI and TRL routes are
 checked bit for bit against ``set_base`` / the callback. Then the name matching (inner segments,
 wrappers, shapes, rename) and resuming.
 """
@@ -286,6 +287,64 @@ def test_hugging_face_trainer_with_optimizer_cls_and_kwargs(base_folder, tmp_pat
                       optimizer_cls_and_kwargs=(OnDARE, {"base_model": str(base_folder), **HYPER}))
     with pytest.raises(ValueError, match="matched with the base by position"):
         trainer.train()
+
+
+# ------------------------------------------------------------------ TRL --------------------------
+
+PREFERENCES = {  # plain-text prompts (no chat template needed); TRL appends the EOS token to the completions
+    "prompt": ["the day is", "you are", "my friend is", "today we are", "the city is", "this is"],
+    "chosen": [" good", " very kind", " happy", " happy", " nice", " great"],
+    "rejected": [" bad", " rude", " sad", " not happy", " awful", " terrible"],
+}
+
+
+@pytest.mark.filterwarnings("ignore:`(is_)?gradient_checkpointing` is deprecated:FutureWarning")  # TRL 1.16 on transformers 5.24
+@pytest.mark.parametrize("cls", [OnDARE, OnTIES])
+def test_trl_dpo_trainer_with_base_model_equals_set_base(cls, base_folder, tmp_path, monkeypatch):
+    """TRL's ``DPOTrainer`` (1.16) has no ``optimizer_cls_and_kwargs`` (its SFT and reward trainers
+    do): the optimizer goes in built, ``optimizers=(optimizer, None)``, with ``base_model``."""
+    pytest.importorskip("trl")
+    import huggingface_hub.constants as hub
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)  # read when huggingface_hub was imported
+    monkeypatch.setattr(hub, "HF_HUB_DISABLE_TELEMETRY", True)  # TRL reports each trainer it builds
+    tokenizer = make_tokenizer()
+
+    def dpo(optimizer_for):
+        model = tiny_llama(tokenizer, seed=0).train()
+        optimizer = optimizer_for(model)
+        args = DPOConfig(
+            output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, use_cpu=True, report_to=[],
+            save_strategy="no", logging_strategy="no", disable_tqdm=True, lr_scheduler_type="constant",
+            bf16=False, gradient_checkpointing=False,
+        )  # TRL's defaults are bf16 and gradient checkpointing
+        # A model built in code has no name TRL could load the reference and tokenizer by: pass both
+        trainer = DPOTrainer(model=model, ref_model=tiny_llama(tokenizer, seed=0), args=args,
+                             train_dataset=Dataset.from_dict(PREFERENCES), processing_class=tokenizer,
+                             optimizers=(optimizer, None))
+        trainer.train()
+        assert trainer.optimizer.optimizer is optimizer  # accelerate's wrapper around ours
+        return model, optimizer
+
+    def by_set_base(model):
+        optimizer = cls(model.named_parameters(), **HYPER)
+        optimizer.set_base(model, tiny_llama(seed=1))
+        return optimizer
+
+    start = weights(tiny_llama(seed=0))
+    model, optimizer = dpo(lambda m: cls(m.named_parameters(), **HYPER, base_model=str(base_folder)))
+    report = optimizer.base_match
+    assert report.by == "name" and len(report.matched) == len(start) and not report.unmatched and report.kept > 0
+    state = optimizer.state[model.lm_head.weight]
+    tau = (start["lm_head.weight"] - tiny_llama(seed=1).lm_head.weight.detach()).reshape(-1)
+    scale = HYPER["keep_rate"] if cls is OnDARE else 1.0  # OnDARE rescales the kept τ by 1/p
+    assert state["tau_val"].abs().sum() > 0
+    torch.testing.assert_close(state["tau_val"], tau[state["tau_idx"].long()] / scale)
+    assert state["step"] == 3 and all(not torch.equal(start[n], p) for n, p in model.named_parameters())
+    assert_same_run(*dpo(by_set_base), model, optimizer)
 
 
 # ------------------------------------------------------------------ litgpt -------------------------
