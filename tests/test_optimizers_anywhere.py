@@ -14,6 +14,7 @@ wrappers, shapes, rename) and resuming.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from functools import partial
@@ -225,6 +226,20 @@ def test_lightning_own_base_model_equals_the_callback_and_resumes_exactly(L, tmp
     assert t2.optimizers[0].base_match.restored
     for (name, a), b in zip(own.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_base_that_does_not_fit_names_the_argument_that_gave_it(L, tmp_path):
+    """The optimizer's own ``base_model`` and the callback's: the error says which one to change."""
+    from test_online_merging_lightning import PolicyModule
+
+    wider = tmp_path / "wider"
+    tiny_llama(hidden_size=48).save_pretrained(wider)
+    shape = r"OnDARE.*\(\d+, 32\).*\(\d+, 48\)"  # the policy's width, then the base's
+    own = PolicyModule(optimizer=partial(OnDARE, **HYPER, base_model=str(wider)))
+    with pytest.raises(ValueError, match=rf"^OnDARE\(base_model='{re.escape(str(wider))}'\): {shape}"):
+        lightning_trainer(L, tmp_path / "own", max_steps=1).fit(own)
+    with pytest.raises(ValueError, match=rf"^OnlineMerging\(base_model={re.escape(str(wider))}\): {shape}"):
+        lightning_trainer(L, tmp_path / "cb", [OnlineMerging(base_model=str(wider))], max_steps=1).fit(PolicyModule())
 
 
 @pytest.mark.parametrize("route", ["hard-coded AdamW, --optimizer", "injected optimizer"])

@@ -150,7 +150,7 @@ def test_collator_layout_and_kl_rows():
     assert short["kl_loss_mask"].tolist() == [[0, 0, 1, 0], [0, 0, 0, 1]]
 
 
-def test_datamodule_split_needs_its_own_tokenizer(tmp_path):
+def test_datamodule_split_and_a_missing_tokenizer(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", PAIRS)
     dm = PreferenceDataModule(str(path), tokenizer=make_tokenizer(), val_fraction=0.25, batch_size=2)
     dm.setup("fit")
@@ -158,8 +158,8 @@ def test_datamodule_split_needs_its_own_tokenizer(tmp_path):
     batches = list(dm.train_dataloader())
     # 3 pairs in batches of 2: the last batch of one pair (no mismatched pair for KTO) is dropped
     assert [b["input_ids"].shape[0] for b in batches] == [4]
-    with pytest.raises(TypeError, match="tokenizer"):
-        PreferenceDataModule(str(path))  # the data module never reads the module's tokenizer
+    with pytest.raises(ValueError, match="set --data.tokenizer"):
+        PreferenceDataModule(str(path)).setup("fit")  # no tokenizer, and no module to take it from
 
 
 # ---------------------------------------------------------------- module

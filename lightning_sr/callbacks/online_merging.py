@@ -104,5 +104,8 @@ class OnlineMerging(Callback):
                 )
         base = load_weights(self.base_model, lazy=True, **self.load_kwargs)
         # Each optimizer logs what it paired (once, on rank 0) and keeps it as ``base_match``.
-        self.reports = [optimizer.set_base(pl_module, base, rename=self.rename) for optimizer in optimizers]
+        try:
+            self.reports = [optimizer.set_base(pl_module, base, rename=self.rename) for optimizer in optimizers]
+        except ValueError as error:  # a base that does not fit the policy: name the argument that gave it
+            raise ValueError(f"OnlineMerging(base_model={self.base_model}): {error}") from None
         del base

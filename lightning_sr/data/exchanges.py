@@ -8,7 +8,16 @@ Both train on *exchanges*, a prompt followed by a response, where only the respo
 - :func:`pad_rows`: padding ``(prompt_ids, response_ids)`` rows into a batch;
 - :class:`ExchangeDataModule`: the shared LightningDataModule (reading, validation split, seeded
   and resumable training loader); :class:`~lightning_sr.data.sft.SFTDataModule` and
-  :class:`~lightning_sr.data.preferences.PreferenceDataModule` say how to read, encode and collate.
+  :class:`~lightning_sr.data.preferences.PreferenceDataModule` say how to read, encode and collate;
+- :func:`check_tokenizer_fits`: the modules' check, at fit start, that the data's tokenizer has no
+  id past the model's embeddings.
+
+The tokenizer follows the model: a data module given no ``tokenizer`` loads, in ``setup``, the one
+its Trainer's LightningModule names (``tokenizer_name_or_path``: the policy of a
+:class:`~lightning_sr.modules.preference.PreferenceModule`, the model of an
+:class:`~lightning_sr.modules.sft.SFTModule`), so that changing ``--model.policy`` alone changes
+both. A tokenizer given anyway is checked against the model before the first step: an id past the
+embeddings would otherwise stop the first forward with "index out of range in self".
 
 Rendering: with a chat template (and ``chat_template=True``) the prompt is rendered with the
 generation prompt and the response as the rest of the conversation, so it carries the template's
@@ -33,6 +42,54 @@ from typing_extensions import override
 from lightning_sr.data.loaders import training_loader
 from lightning_sr.lightning_packages import LightningDataModule
 from lightning_sr.loading import load_tokenizer
+
+
+def describe_source(value: Any) -> str:
+    """How a model or tokenizer option's value reads in a message: a name as given, an object by
+    its ``name_or_path``, else its type."""
+    if isinstance(value, str):
+        return value
+    return getattr(value, "name_or_path", "") or f"<a {type(value).__name__} object>"
+
+
+def embedding_rows(model: Any) -> int | None:
+    """The rows of ``model``'s input embedding (None without one): the whole count, also when
+    FSDP2 has sharded it (its weight is then a ``DTensor``, whose shape is the whole one)."""
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    weight = getattr(embedding, "weight", None)
+    return None if weight is None else int(weight.shape[0])
+
+
+def check_tokenizer_fits(datamodule: Any, model: Any, option: str, source: Any) -> None:
+    """Raise ``ValueError`` naming both options when the data module's tokenizer has more ids than
+    ``model`` (given by ``option``, e.g. ``"--model.policy"``, as ``source``) has embeddings.
+
+    For the modules' ``on_fit_start``: it stops the run before the first step, where an id past the
+    embeddings would end it with "index out of range in self". Nothing is checked without a data
+    module with a loaded tokenizer (a Trainer given bare loaders) or a model without input
+    embeddings.
+    """
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    if tokenizer is None or isinstance(tokenizer, str) or not hasattr(tokenizer, "__len__"):
+        return
+    rows = embedding_rows(model)
+    if rows is None or len(tokenizer) <= rows:
+        return
+    role = option.rsplit(".", 1)[-1]
+    given = getattr(datamodule, "tokenizer_source", None)
+    model_text = f"the {role} ({option}={describe_source(source)}) has {rows} embeddings"
+    if given is None:  # the data module took the model's own tokenizer: the model folder disagrees
+        raise ValueError(
+            f"the {role}'s own tokenizer has {len(tokenizer)} ids but {model_text}: "
+            f"set --data.tokenizer to the tokenizer the {role} was trained with"
+        )
+    raise ValueError(
+        f"the data's tokenizer (--data.tokenizer={describe_source(given)}) has {len(tokenizer)} ids but {model_text}: "
+        f"leave --data.tokenizer unset to use the {role}'s, or give the tokenizer the {role} was trained with"
+    )
 
 
 def check_text(value: Any, field: str, where: str, allow_empty: bool) -> None:
@@ -123,8 +180,9 @@ class ExchangeDataModule(LightningDataModule):
 
     Args:
         path: training JSONL file.
-        tokenizer: the model's tokenizer: a hub id, local folder or embedded name (usually the
-            same as the module's model), or a tokenizer object.
+        tokenizer: the model's tokenizer: a hub id, local folder or embedded name, or a tokenizer
+            object. None (the default) takes, in ``setup``, the one the Trainer's LightningModule
+            names (its ``tokenizer_name_or_path``: the module's model), so it follows the model.
         val_path: optional validation JSONL file.
         val_fraction: when no ``val_path``, hold out this fraction of ``path`` (at least one
             record, chosen with ``seed``) for validation; 0 means no validation.
@@ -141,7 +199,7 @@ class ExchangeDataModule(LightningDataModule):
     def __init__(
         self,
         path: str,
-        tokenizer: Any,
+        tokenizer: Any = None,
         val_path: str | None = None,
         val_fraction: float = 0.0,
         max_length: int = 512,
@@ -159,7 +217,8 @@ class ExchangeDataModule(LightningDataModule):
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         check_padding_side(padding_side)
         self.path, self.val_path, self.val_fraction = path, val_path, val_fraction
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # the loaded tokenizer after ``setup``
+        self.tokenizer_source = tokenizer  # as given, for messages; None: the module's (module_tokenizer)
         self.max_length = max_length
         self.max_prompt_length = max(1, max_prompt_length or max_length // 2)
         if self.max_prompt_length >= max_length:
@@ -169,7 +228,8 @@ class ExchangeDataModule(LightningDataModule):
             )
         self.batch_size, self.num_workers = batch_size, num_workers
         self.chat_template, self.padding_side, self.seed = chat_template, padding_side, seed
-        self.save_hyperparameters(ignore=[] if isinstance(tokenizer, str) else ["tokenizer"])
+        # A name (or None: the module's) is saved; an object is not (it could not be rebuilt from YAML).
+        self.save_hyperparameters(ignore=[] if tokenizer is None or isinstance(tokenizer, str) else ["tokenizer"])
         self.train_set: RecordDataset | None = None
         self.val_set: RecordDataset | None = None
 
@@ -202,12 +262,28 @@ class ExchangeDataModule(LightningDataModule):
         n_val = min(len(records) - 1, max(1, math.ceil(self.val_fraction * len(records))))
         return [records[i] for i in sorted(order[n_val:])], [records[i] for i in sorted(order[:n_val])]
 
+    def module_tokenizer(self) -> str:
+        """Where the Trainer's LightningModule says its model's tokenizer lives
+        (``tokenizer_name_or_path``); ``ValueError`` naming ``--data.tokenizer`` when it cannot say."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        source = getattr(module, "tokenizer_name_or_path", None)
+        if source:
+            return source
+        if module is None:
+            why = "there is no LightningModule to take it from"
+        elif hasattr(type(module), "tokenizer_name_or_path"):
+            why = f"the {type(module).__name__}'s model is an object without a name_or_path"
+        else:
+            why = f"the {type(module).__name__} does not name one (it has no tokenizer_name_or_path)"
+        raise ValueError(f"--data.tokenizer is not set and {why}: set --data.tokenizer")
+
     @override
     def setup(self, stage: str | None = None) -> None:
-        """Load the tokenizer and read, check and split the records (once, on every process)."""
+        """Load the tokenizer (given, else the module's) and read, check and split the records
+        (once, on every process)."""
         if self.train_set is not None:
             return
-        self.tokenizer = load_tokenizer(self.tokenizer)
+        self.tokenizer = load_tokenizer(self.tokenizer if self.tokenizer is not None else self.module_tokenizer())
         encode = self.encoder()
         if self.val_path:
             train, val = self.read(self.path), self.read(self.val_path)

@@ -164,8 +164,8 @@ class PreferenceDataModule(ExchangeDataModule):
 
     Args:
         path: training JSONL file.
-        tokenizer: the policy's tokenizer: a hub id, local folder or embedded name (usually the
-            same as the module's ``policy``), or a tokenizer object.
+        tokenizer: the policy's tokenizer: a hub id, local folder or embedded name, or a
+            tokenizer object. None (the default) is the module's ``policy``'s, taken in ``setup``.
         val_path: optional validation JSONL file.
         val_fraction: when no ``val_path``, hold out this fraction of ``path`` (at least one pair,
             chosen with ``seed``) for validation; 0 means no validation.

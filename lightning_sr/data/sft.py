@@ -97,9 +97,8 @@ class SFTDataModule(ExchangeDataModule):
 
     Args:
         path: training JSONL file.
-        tokenizer: the model's tokenizer: a hub id, local folder or embedded name (usually the
-            same as the module's ``model``), or a tokenizer object. Required: the data module
-            never reads the LightningModule's tokenizer.
+        tokenizer: the model's tokenizer: a hub id, local folder or embedded name, or a
+            tokenizer object. None (the default) is the module's ``model``'s, taken in ``setup``.
         val_path: optional validation JSONL file.
         val_fraction: when no ``val_path``, hold out this fraction of ``path`` (at least one
             example, chosen with ``seed``) for validation; 0 means no validation.

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import BinaryAccuracy
 from typing_extensions import override
 
+from lightning_sr.data.exchanges import check_tokenizer_fits, describe_source
 from lightning_sr.lightning_packages import LightningModule, LRSchedulerCallable, OptimizerCallable
 from lightning_sr.loading import load_causal_lm, load_weights
 from lightning_sr.losses import dpo_loss, ipo_loss, kto_loss, sequence_logprobs
@@ -171,11 +172,21 @@ class PreferenceModule(LightningModule):
                     f"base_model is set but the optimizer {type(optimizer).__name__} has no set_base(); "
                     "use an online merging optimizer (lightning_sr.optim.OnDARE / OnTIES) or drop base_model"
                 )
-            optimizer.set_base(self.policy, self._base())
+            base = self._base()
+            try:
+                optimizer.set_base(self.policy, base)
+            except ValueError as error:  # a base that does not fit the policy: name the option
+                raise ValueError(f"--model.base_model={describe_source(self._specs['base'])}: {error}") from None
         if self.scheduler is None:
             return optimizer
         scheduler = {"scheduler": self.scheduler(optimizer), "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    @override
+    def on_fit_start(self) -> None:
+        """Stop before the first step when the data's tokenizer has ids past the policy's
+        embeddings (:func:`~lightning_sr.data.exchanges.check_tokenizer_fits`)."""
+        check_tokenizer_fits(self.trainer.datamodule, self.policy, "--model.policy", self._specs["policy"])
 
     # ------------------------------------------------------------------ steps
     def _logps(self, model: nn.Module, batch: dict, prefix: str = "") -> Tensor:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_sr.data.exchanges import check_tokenizer_fits
 from lightning_sr.lightning_packages import LightningModule, LRSchedulerCallable, OptimizerCallable
 from lightning_sr.loading import load_causal_lm
 from lightning_sr.losses import token_logprobs
@@ -103,6 +104,12 @@ class SFTModule(LightningModule):
         if self.scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "step"}}
+
+    @override
+    def on_fit_start(self) -> None:
+        """Stop before the first step when the data's tokenizer has ids past the model's
+        embeddings (:func:`~lightning_sr.data.exchanges.check_tokenizer_fits`)."""
+        check_tokenizer_fits(self.trainer.datamodule, self.model, "--model.model", self._spec)
 
     def compute_loss(self, batch: dict) -> tuple[Tensor, Tensor]:
         """``(loss, response token count)`` of one batch (see :func:`response_nll`)."""

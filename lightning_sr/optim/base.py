@@ -315,8 +315,12 @@ class OnlineMergingOptimizer(Optimizer):
             log.info("%s: resumed, so the τ̃ in the optimizer state is kept; base_model is not loaded",
                      type(self).__name__)
             return
-        base = load_base(self._base["source"], labels is None, **self._base["load_kwargs"])
-        self.set_base(None, base)
+        source = self._base["source"]
+        base = load_base(source, labels is None, **self._base["load_kwargs"])
+        try:
+            self.set_base(None, base)
+        except ValueError as error:  # a base that does not fit: name the argument that gave it
+            raise ValueError(f"{type(self).__name__}(base_model={_describe(source)}): {error}") from None
 
     def reference_bytes(self) -> int:
         """Bytes held by the stored τ̃ (indices and values) over all parameters."""
@@ -389,3 +393,8 @@ class OnlineMergingOptimizer(Optimizer):
         """Merge this step's Δ (plus the step-K ``accumulated`` deltas) and α·τ̃ into ``flat``,
         the local part of the weights."""
         raise NotImplementedError
+
+
+def _describe(source: Any) -> str:
+    """A ``base_model`` as a message shows it: a path as given, an object by its type."""
+    return repr(str(source)) if isinstance(source, (str, os.PathLike)) else f"<a {type(source).__name__}>"

@@ -208,7 +208,7 @@ def pair_with_base(
         raise ValueError(
             f"{cls}.set_base: no parameter name matches the base model. Parameters look like "
             f"{list(params)[:3]}, the base has {list(base)[:3]}; pass rename={{'their prefix': "
-            "'the base prefix'}} to map them"
+            "'the base prefix'} to map them"
         )
     for name, param in params.items():
         check_untrained(cls, name, state.get(param, {}))
