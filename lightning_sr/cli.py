@@ -11,8 +11,11 @@ Optimizers are either injected into the module (``--model.init_args.optimizer=..
 LightningCLI's own ``--optimizer`` (which replaces a module's ``configure_optimizers``). A shipped
 callback list is named ``lightning_sr:<name>`` (see ``lightning_sr.callbacks.config_path``).
 
-The CLI runs on ``lightning`` when it is installed, else on ``pytorch_lightning``; set
-``LIGHTNING_SR_PACKAGE=pytorch_lightning`` to choose (see :mod:`lightning_sr.lightning_packages`).
+The CLI runs on the Lightning package its config's class paths name
+(``pytorch_lightning.callbacks.ModelCheckpoint``: ``pytorch_lightning``; see
+:mod:`lightning_sr.config_packages`), else on ``lightning`` when it is installed, else on
+``pytorch_lightning``; ``LIGHTNING_SR_PACKAGE=pytorch_lightning`` chooses (see
+:mod:`lightning_sr.lightning_packages`).
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ from jsonargparse.typing import import_object
 from typing_extensions import override
 
 from lightning_sr._lazy import LIGHTNING_CLASSES
+from lightning_sr.config_packages import choose_package
 from lightning_sr.lightning_packages import (
+    PACKAGE_ENV,
     LightningCLI,
-    active_package,
     for_package,
     import_package,
     use_package,
@@ -68,19 +72,57 @@ class LightningSRCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def before_predict(self) -> None:
-        """Writers keep their summaries for ``after_predict`` instead of printing them."""
+        """Writers keep their summaries for ``after_predict`` instead of printing them; a resumed
+        run with nothing left says so and skips the predict, before any model loads (the module
+        loads its models inside ``trainer.predict``)."""
         for writer in self._prediction_writers():
             writer.print_summary = False  # after_predict prints it, once the progress bar is done
+        self._nothing_left = self._nothing_left_to_do()
+        if self._nothing_left:
+            print(self._nothing_left)
+
+    def predict(self, **kwargs: Any) -> Any:
+        """``trainer.predict``, unless ``before_predict`` found nothing left to do (LightningCLI
+        runs a method of the subcommand's name in place of the Trainer's)."""
+        if not getattr(self, "_nothing_left", None):
+            return self.trainer.predict(**kwargs)
+        return None
 
     def after_predict(self) -> None:
-        """The writers' summaries last, so that they are the run's final lines."""
-        for writer in self._prediction_writers():
+        """The writers' summaries last, so that they are the run's final lines; then a run that
+        wrote nothing, or only NaN rewards, ends with why and exit status 1 (its files are closed
+        and merged by then: nothing written is lost)."""
+        writers = self._prediction_writers()
+        for writer in writers:
             if writer.summary:
                 print(writer.summary)
+        problems = dict.fromkeys(writer.problem for writer in writers if writer.problem)
+        if problems:
+            raise SystemExit("\n".join(f"lightning-sr: {problem}" for problem in problems))
 
     def _prediction_writers(self) -> list:
         writer = written_class("JSONLPredictionWriter")  # of any package: the written class
         return [callback for callback in self.trainer.callbacks if isinstance(callback, writer)]
+
+    def _nothing_left_to_do(self) -> str | None:
+        """What to print when a resumed run has nothing left, or None when it has work to do.
+
+        Asks a :class:`~lightning_sr.data.PromptDataModule` for the batches its ``completed`` file
+        does not hold yet; a writer with ``resume: false`` on that file starts afresh, so it has work.
+        """
+        data = self.datamodule
+        if not isinstance(data, written_class("PromptDataModule")) or not data.completed:
+            return None
+        completed = os.path.realpath(data.completed)
+        if any(not w.resume and os.path.realpath(w.output_path) == completed for w in self._prediction_writers()):
+            return None
+        if data.remaining():
+            return None
+        return (
+            f"Nothing left to do: all {len(data.prompts)} prompts are already in {data.completed}; "
+            "no model was loaded.\nTo run them again, delete that file, or add --trainer.callbacks.resume=false "
+            "(before any --trainer.callbacks+=; the file is then kept as a .bak)."
+        )
 
     def before_fit(self) -> None:
         """Say up front when a short run will validate or checkpoint nothing, and why."""
@@ -230,16 +272,20 @@ def main(args: list[str] | dict | None = None, **kwargs: Any):
         parser_kwargs={"exit_on_error": False},
         args=args,
     )
-    package = active_package()
-    use_package(package)
-    import_package(package)
-    quiet_lightning()  # after the import: Lightning sets up its log handlers then
+    package = None
     try:
+        package = choose_package(command_line[1:] if args is None else args)
+        use_package(package)
+        import_package(package)
+        quiet_lightning()  # after the import: Lightning sets up its log handlers then
         return for_package(LightningSRCLI, package)(**{**defaults, **kwargs})
     except USER_ERRORS as error:
         if verbose:
             raise
-        raise SystemExit(f"lightning-sr: {short_message(error)}\n(the whole story: add --verbose)") from None
+        message = short_message(error)
+        if package and "does not correspond to a subclass of" in message:  # a class of the other Lightning package
+            message += f"\n(lightning-sr runs on {package}; {PACKAGE_ENV}=<lightning|pytorch_lightning> chooses)"
+        raise SystemExit(f"lightning-sr: {message}\n(the whole story: add --verbose)") from None
 
 
 def short_message(error: BaseException) -> str:

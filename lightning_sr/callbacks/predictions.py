@@ -37,6 +37,10 @@ class JSONLPredictionWriter(BasePredictionWriter):
     Only files with that exact name *and* our header line are merged: nothing of the user's is
     read, merged or deleted. At the end it prints where the output is and a summary.
 
+    A run whose output is of no use says so in :attr:`problem` and in a logged warning: nothing
+    written although batches were served (every prompt skipped), or every reward written NaN.
+    The ``lightning-sr`` command ends such a run with that reason and exit status 1.
+
     Args:
         output_path: the JSONL file to append predictions to (its folder is created).
         resume: keep and extend an existing output (True), or set it aside and start afresh.
@@ -51,10 +55,14 @@ class JSONLPredictionWriter(BasePredictionWriter):
         self.resume = resume
         self._file = None
         self._written: set = set()
-        self._counts = {"written": 0, "duplicates": 0, "nonfinite": 0}
+        self._counts = _no_counts()
         self.summary: str | None = None
         """The end-of-run summary (rank 0), printed at predict end unless ``print_summary`` is off."""
-        self.print_summary = True  # the lightning-sr command prints it itself, below the progress bar
+        self.problem: str | None = None
+        """Why this run's output is of no use (every process), or None; see :func:`problem_of`."""
+        self.print_summary = True
+        """Print the summary, and warn of a problem, at predict end; the lightning-sr command turns
+        it off to report both itself, below the progress bar."""
 
     @property
     @override
@@ -79,7 +87,8 @@ class JSONLPredictionWriter(BasePredictionWriter):
             self._merge_rank_files()  # left by a killed multi-process run; also repairs a torn line
         trainer.strategy.barrier("jsonl_writer_setup")
         self._written = {record.get("id") for record in read_records(self.output_path)}
-        self._counts = {"written": 0, "duplicates": 0, "nonfinite": 0}
+        self._counts = _no_counts()
+        self.summary = self.problem = None
         self._started = time.perf_counter()
         if trainer.world_size == 1:
             self._file = open(self.output_path, "a", encoding="utf-8")
@@ -93,6 +102,7 @@ class JSONLPredictionWriter(BasePredictionWriter):
     @override
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
         """Append the batch's predictions whose ids are not in the output yet, synced to disk."""
+        self._counts["batches"] += 1
         lines = []
         for record in prediction if isinstance(prediction, list) else [prediction]:
             if not isinstance(record, dict) or "id" not in record:
@@ -105,21 +115,27 @@ class JSONLPredictionWriter(BasePredictionWriter):
             self._written.add(record["id"])
             self._counts["written"] += 1
             self._counts["nonfinite"] += nonfinite
+            self._counts["null_rewards"] += "reward" in record and not _finite(record["reward"])
         self._append(lines)
 
     @override
     def on_predict_end(self, trainer, pl_module) -> None:
-        """Close the file, merge the per-process files (rank 0) and make the summary."""
+        """Close the file, merge the per-process files (rank 0), make the summary and name a problem."""
         self._close()
+        counts = self._counts
         if trainer.world_size > 1:
             trainer.strategy.barrier("jsonl_writer_merge")
             if trainer.is_global_zero:
                 self._merge_rank_files()
             trainer.strategy.barrier("jsonl_writer_merged")
+            counts = _summed(trainer, counts)
+        self.problem = problem_of(self.output_path, counts)
         if trainer.is_global_zero:
-            self.summary = summary(self.output_path, self._counts, time.perf_counter() - self._started)
+            self.summary = summary(self.output_path, counts, time.perf_counter() - self._started)
             if self.print_summary:
                 print(self.summary)
+                if self.problem:
+                    log.warning("%s", self.problem[0].upper() + self.problem[1:])
 
     @override
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
@@ -189,6 +205,44 @@ def _first_line_is_header(path: Path) -> bool:
         return False
 
 
+def _no_counts() -> dict[str, int]:
+    """This run's counts: batches seen, predictions written, ids already there, non-finite numbers
+    written as null, and predictions written with a reward that is not a finite number."""
+    return {"batches": 0, "written": 0, "duplicates": 0, "nonfinite": 0, "null_rewards": 0}
+
+
+def _summed(trainer: Any, counts: dict[str, int]) -> dict[str, int]:
+    """The counts of every process added up (each process writes its own share of the batches)."""
+    import torch
+
+    keys = sorted(counts)
+    local = torch.tensor([counts[key] for key in keys], dtype=torch.int64, device=trainer.strategy.root_device)
+    total = trainer.strategy.reduce(local, reduce_op="sum")
+    return dict(zip(keys, (int(value) for value in total.tolist())))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def problem_of(path: Path, counts: dict[str, int]) -> str | None:
+    """Why a run's output is of no use, or None.
+
+    Nothing written although batches were served (the module returned no prediction: every
+    prompt skipped), or a NaN (null) reward for every prediction written. A run with no batch to
+    serve (a resumed run with nothing left) and ids already in the file are not problems.
+    """
+    batches, written, nulls = counts["batches"], counts["written"], counts["null_rewards"]
+    if batches and not written and not counts["duplicates"]:
+        return (
+            f"nothing was written to {path}: no prediction came from the {batches} batch"
+            f"{'es' if batches > 1 else ''} served (skipped prompts are named in the warnings above)"
+        )
+    if written and nulls == written:
+        return f"every reward written to {path} is NaN: {nulls} of {written} predictions have reward null"
+    return None
+
+
 def summary(path: Path, counts: dict[str, int], seconds: float) -> str:
     """Where the outputs are, what they hold, and what this run added."""
     records = read_records(path)
@@ -207,4 +261,6 @@ def summary(path: Path, counts: dict[str, int], seconds: float) -> str:
         lines[-1] += f", {counts['duplicates']} already in the file (not written again)"
     if counts["nonfinite"]:
         lines.append(f"  {counts['nonfinite']} non-finite numbers (NaN/inf) written as null")
+    if counts.get("null_rewards"):
+        lines.append(f"  {counts['null_rewards']} of the {counts['written']} rewards written this run are NaN (null)")
     return "\n".join(lines)

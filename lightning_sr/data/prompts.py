@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -108,21 +109,30 @@ class PromptDataModule(LightningDataModule):
             self.prompts = read_prompts(self.path, self.prompt_field, self.id_field)[: self.limit]
 
     def batches(self) -> list[list[dict]]:
-        """The batches still to generate (all of them unless ``completed`` holds some)."""
-        self.setup()
-        size = self.batch_size
-        batches = [self.prompts[i : i + size] for i in range(0, len(self.prompts), size)]
-        done = {record.get("id") for record in read_records(self.completed)} if self.completed else set()
-        todo = [batch for batch in batches if not all(item["id"] in done for item in batch)]
-        if done and len(todo) < len(batches):
+        """The batches still to generate (:meth:`remaining`); a resumed run logs how many are left."""
+        todo = self.remaining()
+        total = math.ceil(len(self.prompts) / self.batch_size)
+        if len(todo) < total:
             left = sum(len(batch) for batch in todo)
             log.info(
                 "Resuming: %d of %d prompts are already in %s; %s",
                 len(self.prompts) - left, len(self.prompts), self.completed,
-                f"{left} left in {len(todo)} of {len(batches)} batches" if todo else
+                f"{left} left in {len(todo)} of {total} batches" if todo else
                 "nothing left to do (delete the file, or set resume: false on the writer, to run again)",
             )
         return todo
+
+    def remaining(self) -> list[list[dict]]:
+        """The batches still to generate (all of them unless ``completed`` holds some), said nowhere.
+
+        The ``lightning-sr`` command asks it before predict, so that a finished run stops before
+        any model loads.
+        """
+        self.setup()
+        size = self.batch_size
+        batches = [self.prompts[i : i + size] for i in range(0, len(self.prompts), size)]
+        done = {record.get("id") for record in read_records(self.completed)} if self.completed else set()
+        return [batch for batch in batches if not all(item["id"] in done for item in batch)]
 
     @override
     def predict_dataloader(self) -> DataLoader:

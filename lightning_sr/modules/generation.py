@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Literal
 
@@ -116,6 +117,7 @@ class SpeculativeRejectionModule(LightningModule):
         self.generator: torch.nn.Module | None = None
         self.tokenizer = None
         self.reward: RewardModel | None = None
+        self._warned_no_reward = False  # the all-NaN warning: once a run
 
     @override
     def configure_model(self) -> None:
@@ -141,6 +143,7 @@ class SpeculativeRejectionModule(LightningModule):
         """Make sure the models are loaded (``configure_model`` loads them once) and move the
         reward model to the module's device: it is not a submodule, so Lightning does not move it."""
         self.configure_model()
+        self._warned_no_reward = False
         if hasattr(self.reward, "to"):
             self.reward.to(self.device)
 
@@ -172,6 +175,7 @@ class SpeculativeRejectionModule(LightningModule):
             )
         self._call_callbacks("on_generation_end", results)
         self._log_batch(results, batch_idx)
+        self._warn_if_no_reward(results, batch_idx)
         return [self._output(item, result) for item, result in zip(items, results)]
 
     def _can_generate(self, item: dict) -> bool:
@@ -186,6 +190,19 @@ class SpeculativeRejectionModule(LightningModule):
             log.warning("Skipping prompt %r%s: %s", item.get("id"), where, error)
             return False
         return True
+
+    def _warn_if_no_reward(self, results: list[GenerationResult], batch_idx: int) -> None:
+        """At the run's first batch whose every reward is NaN, a warning naming the reward model:
+        such a run writes responses chosen by nothing, and it would otherwise show only at the end."""
+        if self._warned_no_reward or not results or any(_finite(result.reward) for result in results):
+            return
+        self._warned_no_reward = True
+        reward = self._sources["reward_model"]
+        log.warning(
+            "Every reward of batch %d is NaN: the reward model %s gives no usable score, so responses "
+            "are chosen by nothing and written with reward null",
+            batch_idx, reward if isinstance(reward, str) else type(reward).__name__,
+        )
 
     def _output(self, item: dict, result: GenerationResult) -> dict:
         output = {
@@ -224,30 +241,60 @@ class SpeculativeRejectionModule(LightningModule):
 
 
 class _Status:
-    """The status line of the batch being decoded: shown on the progress bar at most 4 times a
-    second (and at every decision), or logged at each decision when there is no bar."""
+    """The status of the batch being decoded, on the progress bar or, without a live bar, in the log.
+
+    On a bar it is repainted at most 4 times a second (and at every decision), as long a text as
+    the terminal's line holds. Without one (no bar, or output to a file or CI log) each decision
+    logs a line, and so does decoding at least every ``LOG_EVERY`` seconds, so that minutes of
+    decoding are never silent and a log does not fill with repaints.
+    """
+
+    SHOW_EVERY = 0.25
+    LOG_EVERY = 30.0
 
     def __init__(self, trainer: Any, batch_idx: int, prompts: int):
         self.trainer, self.batch_idx, self.prompts = trainer, batch_idx, prompts
-        self.start = self.shown = time.perf_counter()
+        self.start = self.shown = self.logged = time.perf_counter()
         self.tokens = 0
 
     def update(self, event: StepEvent) -> None:
         self.tokens += event.live_rows + event.ended_rows  # rows that sampled a token at this step
         now = time.perf_counter()
-        if now - self.shown < 0.25 and not event.decision:
+        if now - self.shown < self.SHOW_EVERY and not event.decision:
             return
         self.shown = now
         elapsed = now - self.start
-        status = (
-            f"{event.step} tokens · {event.live_rows} live rows · round {event.round} · "
-            f"{self.tokens / max(elapsed, 1e-9):.0f} tok/s · {elapsed:.0f}s"
-        )
-        if not (self.trainer is not None and show_status(self.trainer, status)) and event.decision:
+        rate = self.tokens / max(elapsed, 1e-9)
+        if self.trainer is not None and show_status(self.trainer, self.texts(event, rate, elapsed)):
+            return
+        if event.decision:
             log.info(
                 "batch %d: decision %d at %d tokens, %d rejected, %d rows live",
                 self.batch_idx, event.round, event.step, event.rejected_rows, event.live_rows,
             )
+        elif now - self.logged >= self.LOG_EVERY:
+            log.info(
+                "batch %d: %d tokens, %d rows live, round %d, %.0f tok/s, %.0f s",
+                self.batch_idx, event.step, event.live_rows, event.round, rate, elapsed,
+            )
+        else:
+            return
+        self.logged = now
+
+    @staticmethod
+    def texts(event: StepEvent, rate: float, elapsed: float) -> list[str]:
+        """The status from the longest to the shortest: the bar shows the longest its line holds."""
+        tokens, live, round_ = event.step, event.live_rows, event.round
+        return [
+            f"{tokens} tokens · {live} live rows · round {round_} · {rate:.0f} tok/s · {elapsed:.0f}s",
+            f"{tokens} tok · {live} live · r{round_} · {rate:.0f} tok/s",
+            f"{tokens} tok · {live} live · r{round_}",
+            f"{tokens} tok",
+        ]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _context_length(config: Any) -> int | None:
