@@ -101,7 +101,9 @@ def test_one_sharded_process_is_bit_exact_and_exports_a_loadable_model(soak, wor
 
 @pytest.mark.slow
 def test_sharded_run_killed_mid_epoch_resumes_bit_exactly(soak, workspace, tmp_path):
-    row = soak.soak_fit(workspace, tmp_path, cycles=1, seed=2, processes=2, max_steps=8, sharded=True)
+    # seed 5: the kill comes at 67% of the uninterrupted run's time, after a checkpoint (every 2 steps)
+    # and early enough that a run on a less loaded machine has not finished (seed 2's 92% had)
+    row = soak.soak_fit(workspace, tmp_path, cycles=1, seed=5, processes=2, max_steps=8, sharded=True)
     assert row["kills"] == 1 and row["steps"] == [8, 8] and row["max_weight_difference"] == 0.0, row
 
 
