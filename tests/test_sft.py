@@ -4,6 +4,7 @@ deterministic SFT data generator."""
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -305,14 +306,23 @@ def test_chain_dpo_configs_run_on_a_tiny_sft_model(L, config, tiny_dir, tmp_path
 
 
 def test_pipeline_stages_and_runs_are_consistent():
-    pipeline = _script("online_merging_pipeline")
+    pipeline, report = _script("online_merging_pipeline"), _script("online_merging_report")
     names = [s.name for s in pipeline.stages()]
     assert len(names) == len(set(names))
     for stage in pipeline.stages():
         assert all(names.index(n) < names.index(stage.name) for n in stage.needs), stage.name
-    for config, overrides in pipeline.RUNS.values():
-        assert (pipeline.CONFIGS / config).is_file()
-        assert all(o.startswith("--model.optimizer.init_args.") for o in overrides)
+    for run in pipeline.RUNS.values():
+        assert (pipeline.CONFIGS / run.config).is_file()
+        options = ("--model.optimizer.init_args.", "--seed_everything=", "--trainer.max_steps=", "--model.beta=")
+        assert all(o.startswith(options) for o in run.overrides), run
+    groups = {}
+    for name in pipeline.RUNS:
+        groups.setdefault(report.group_of(name), []).append(name)
+    assert len(groups["adamw"]) == len(pipeline.SEEDS) and pipeline.MERGED_RUN in groups["adamw"]
+    for name in groups["ondare-a1e-4"]:  # the seeds of a group differ in their seeds only
+        seed = name.rpartition("-s")[2]
+        assert pipeline.RUNS[name].overrides[-2:] == [f"--seed_everything={seed}", f"--model.optimizer.init_args.seed={seed}"]
+    assert "OnDARE (lr=0.0001, α=0.0001, p=0.01, 40 steps)" in report.describe("dpo/ondare-a1e-4", pipeline.RUNS, pipeline.MERGES)
 
 
 def test_conversion_scoring_and_frontier():
@@ -324,3 +334,25 @@ def test_conversion_scoring_and_frontier():
             {"model": "c", "pref_margin": 0.2, "sft_exact": 0.4, "ppl": 9}, {"model": "d", "pref_margin": 0.3, "sft_exact": 0.5, "ppl": 9},
             {"model": "e", "pref_margin": 0.0, "sft_exact": 0.4, "ppl": 5}, {"model": "f", "pref_margin": 0.0, "sft_exact": 0.4, "ppl": 6}]
     assert report.frontier(rows) == ["a", "b", "d", "e"]
+
+
+def test_report_groups_seeds_and_reads_tax_at_equal_reward():
+    pipeline, report = _script("online_merging_pipeline"), _script("online_merging_report")
+    metrics = dict(pref_accuracy=0.5, reward=0.2, sft_value=0.5, train_seconds=10.0)
+    rows = [{**metrics, "model": "sft", "pref_margin": 0.0, "sft_exact": 0.6, "ppl": 80.0},
+            {**metrics, "model": "dpo/adamw-s0", "pref_margin": 1.0, "sft_exact": 0.5, "ppl": 90.0},
+            {**metrics, "model": "dpo/adamw-s1", "pref_margin": 1.2, "sft_exact": 0.4, "ppl": 96.0},
+            {**metrics, "model": "merges/linear-w0.5", "pref_margin": 0.8, "sft_exact": 0.6, "ppl": 82.0},
+            {**metrics, "model": "merges/linear-w0.75", "pref_margin": 1.2, "sft_exact": 0.5, "ppl": 86.0}]
+    grouped = {r["model"]: r for r in report.group_rows(rows, pipeline.RUNS, pipeline.MERGES)}
+    adamw = grouped["dpo/adamw"]
+    assert adamw["seeds"] == 2 and adamw["pref_margin"] == pytest.approx(1.1) and adamw["ppl"] == pytest.approx(93.0)
+    assert adamw["ppl_sd"] == pytest.approx(math.sqrt(18.0)) and grouped["sft"]["ppl_sd"] is None
+    assert (grouped["merges/linear-w0.5"]["family"], grouped["merges/linear-w0.5"]["setting"]) == ("offline linear", 0.5)
+    lines = report.family_lines(list(grouped.values()))
+    assert [p["model"] for p in lines["offline linear"]] == ["sft", "merges/linear-w0.5", "merges/linear-w0.75"]
+    table = {e["family"]: e for e in report.equal_reward_table(list(grouped.values()))}
+    # The linear merges cross AdamW's margin 1.1 between w 0.5 (0.8, 82) and w 0.75 (1.2, 86): ppl 85.
+    assert table["offline linear"]["ppl_at_pref_margin"] == pytest.approx(85.0)
+    assert table["offline linear"]["sft_exact_at_pref_margin"] == pytest.approx(0.525)
+    assert table["AdamW"]["ppl_at_pref_margin"] == pytest.approx(93.0)
