@@ -254,7 +254,7 @@ def run_report(out: Path) -> None:
     from online_merging_report import report
 
     report(OUT / "eval", RUNS, MERGES, f"Online merging: SmolLM2-135M base → unit-conversion SFT → tone DPO "
-                                       f"({STEPS} steps, lr {LR:g}, CPU)")
+                                       f"({STEPS} steps, lr {LR:g}, CPU)", MERGED_RUN)
 
 
 def stages() -> list[Stage]:

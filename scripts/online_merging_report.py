@@ -150,9 +150,10 @@ COLORS = {"AdamW": "tab:red", "AdamW, KL β": "tab:pink", "OnDARE (p 0.01)": "ta
           "offline linear": "tab:orange", "offline dare": "goldenrod", "offline ties": "saddlebrown", "sft": "grey", "base": "black"}
 
 
-def family_lines(grouped: list[dict]) -> dict[str, list[dict]]:
-    """Each family's points in the order of its swept value, joined to the point it starts from:
-    offline merges start at the SFT model (w = 0), the β sweep at the AdamW run (β = 0.1)."""
+def family_lines(grouped: list[dict], merged_run: dict | None = None) -> dict[str, list[dict]]:
+    """Each family's points in the order of its swept value, joined to the points it starts and
+    ends at: offline merges start at the SFT model (w = 0) and the linear one ends at the merged
+    AdamW run itself (``merged_run``, w = 1); the β sweep starts at the AdamW run (β = 0.1)."""
     by_name = {r["model"]: r for r in grouped}
     lines: dict[str, list[dict]] = {}
     for row in grouped:
@@ -162,6 +163,8 @@ def family_lines(grouped: list[dict]) -> dict[str, list[dict]]:
         points.sort(key=lambda r: r["setting"] if r["setting"] is not None else 0.0)
         if family.startswith("offline") and "sft" in by_name:
             points.insert(0, by_name["sft"])
+        if family == "offline linear" and merged_run is not None:
+            points.append({**merged_run, "seeds": 1, "family": "dpo"})
         if family == "AdamW, KL β" and "dpo/adamw" in by_name:
             points.insert(0, by_name["dpo/adamw"])
     return lines
@@ -173,7 +176,7 @@ TAX_AXES = (("ppl", "perplexity on Shakespeare (lower is better)"),
             ("sft_exact", "held-out unit-conversion exact accuracy"))
 
 
-def plot(grouped: list[dict], on_frontier: list[str], path: Path, title: str) -> None:
+def plot(grouped: list[dict], on_frontier: list[str], path: Path, title: str, merged_run: dict | None) -> None:
     """Reward side (x: held-out DPO margin; the positivity reward) against the tax side (y:
     general-text perplexity, inverted; held-out conversion accuracy), one line per family;
     error bars: the seeds' standard deviation."""
@@ -185,7 +188,7 @@ def plot(grouped: list[dict], on_frontier: list[str], path: Path, title: str) ->
     fig, axes = plt.subplots(2, 2, figsize=(15, 12))
     for row_axes, (y_key, y_label) in zip(axes, TAX_AXES):
         for ax, (x_key, x_label) in zip(row_axes, REWARD_AXES):
-            for family, points in family_lines(grouped).items():
+            for family, points in family_lines(grouped, merged_run).items():
                 color = COLORS.get(family, "black")
                 ax.plot([p[x_key] for p in points], [p[y_key] for p in points], "-o", color=color, label=family,
                         markersize=6, alpha=0.85)
@@ -221,13 +224,13 @@ def tax_at_reward(points: list[dict], x_key: str, y_key: str, x0: float, sign: i
     return max(found, key=lambda y: sign * y) if found else None
 
 
-def equal_reward_table(grouped: list[dict]) -> list[dict]:
+def equal_reward_table(grouped: list[dict], merged_run: dict | None = None) -> list[dict]:
     """Each family's tax at the AdamW run's reward (Table 4 of the paper compares at equal reward):
     perplexity and conversion accuracy read off its line where it crosses AdamW's margin and
     AdamW's positivity reward."""
     adamw = next(r for r in grouped if r["model"] == "dpo/adamw")
     table = []
-    for family, points in family_lines(grouped).items():
+    for family, points in family_lines(grouped, merged_run).items():
         if family in ("base", "sft"):
             continue
         entry = {"family": family}
@@ -273,12 +276,14 @@ def equal_reward_markdown(table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(eval_dir: Path, runs: dict, merges: dict, title: str, out_dir: Path = RESULTS) -> dict:
+def report(eval_dir: Path, runs: dict, merges: dict, title: str, merged_run: str | None = None,
+           out_dir: Path = RESULTS) -> dict:
     """Write the CSV (every model), the JSON, the Markdown table and the PNG (seeds grouped)."""
     import torch
 
     rows = load_rows(eval_dir, runs, merges)
     grouped = group_rows(rows, runs, merges)
+    merged = next((r for r in rows if r["model"] == f"dpo/{merged_run}"), None)
     on_frontier = frontier([r for r in grouped if r["model"] != "base" and r["family"] != "search"])
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "online_merging.csv", "w", newline="") as handle:
@@ -296,8 +301,8 @@ def report(eval_dir: Path, runs: dict, merges: dict, title: str, out_dir: Path =
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     (out_dir / "online_merging.json").write_text(json.dumps(summary, indent=2))
-    summary["at_adamw_reward"] = equal_reward_table(grouped)
+    summary["at_adamw_reward"] = equal_reward_table(grouped, merged)
     (out_dir / "online_merging_table.md").write_text(markdown_table(grouped, on_frontier) + "\n"
                                                      + equal_reward_markdown(summary["at_adamw_reward"]))
-    plot(grouped, on_frontier, out_dir / "online_merging.png", title)
+    plot(grouped, on_frontier, out_dir / "online_merging.png", title, merged)
     return summary

@@ -349,10 +349,16 @@ def test_report_groups_seeds_and_reads_tax_at_equal_reward():
     assert adamw["seeds"] == 2 and adamw["pref_margin"] == pytest.approx(1.1) and adamw["ppl"] == pytest.approx(93.0)
     assert adamw["ppl_sd"] == pytest.approx(math.sqrt(18.0)) and grouped["sft"]["ppl_sd"] is None
     assert (grouped["merges/linear-w0.5"]["family"], grouped["merges/linear-w0.5"]["setting"]) == ("offline linear", 0.5)
-    lines = report.family_lines(list(grouped.values()))
-    assert [p["model"] for p in lines["offline linear"]] == ["sft", "merges/linear-w0.5", "merges/linear-w0.75"]
+    lines = report.family_lines(list(grouped.values()), merged_run=rows[1])
+    assert [p["model"] for p in lines["offline linear"]] == ["sft", "merges/linear-w0.5", "merges/linear-w0.75", "dpo/adamw-s0"]
     table = {e["family"]: e for e in report.equal_reward_table(list(grouped.values()))}
     # The linear merges cross AdamW's margin 1.1 between w 0.5 (0.8, 82) and w 0.75 (1.2, 86): ppl 85.
     assert table["offline linear"]["ppl_at_pref_margin"] == pytest.approx(85.0)
     assert table["offline linear"]["sft_exact_at_pref_margin"] == pytest.approx(0.525)
     assert table["AdamW"]["ppl_at_pref_margin"] == pytest.approx(93.0)
+    # With the merged run as the linear line's w = 1 end, the line crosses 1.1 again, from (1.2, 86)
+    # to (1.0, 90), at ppl 88 and accuracy 0.5; the family's best stays 85 and 0.525.
+    with_end = {e["family"]: e for e in report.equal_reward_table(list(grouped.values()), rows[1])}
+    assert with_end["offline linear"]["ppl_at_pref_margin"] == pytest.approx(85.0)
+    assert with_end["offline linear"]["sft_exact_at_pref_margin"] == pytest.approx(0.525)
+    assert report.tax_at_reward(lines["offline linear"][2:], "pref_margin", "ppl", 1.1, -1) == pytest.approx(88.0)
