@@ -82,10 +82,11 @@ MAIN_ALPHA = 1e-4  # the α run with every seed
 
 
 def seeded(name: str, run: Run, seeds=SEEDS) -> dict[str, Run]:
-    """The run once per seed (``<name>-s<seed>``): the data order and OnDARE's drop masks change."""
+    """The run once per seed (``<name>-s<seed>``): the training order and OnDARE's drop masks
+    change, the held-out split (the data's ``seed``) does not."""
     runs = {}
     for seed in seeds:
-        extra = [f"--seed_everything={seed}"]
+        extra = [f"--seed_everything={seed}", f"--data.init_args.order_seed={seed}"]
         if run.config != "dpo_adamw.yaml":
             extra.append(f"--model.optimizer.init_args.seed={seed}")
         runs[f"{name}-s{seed}"] = run._replace(overrides=[*run.overrides, *extra])

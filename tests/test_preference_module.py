@@ -162,6 +162,21 @@ def test_datamodule_split_and_a_missing_tokenizer(tmp_path):
         PreferenceDataModule(str(path)).setup("fit")  # no tokenizer, and no module to take it from
 
 
+def test_order_seed_reorders_training_pairs_and_keeps_the_split(tmp_path):
+    rows = [dict(PAIRS[i % len(PAIRS)], prompt=f"prompt {i}") for i in range(12)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+
+    def loaded(**seeds):
+        dm = PreferenceDataModule(str(path), tokenizer=make_tokenizer(), val_fraction=0.25, batch_size=1, **seeds)
+        dm.setup("fit")
+        return [r.prompt for r in dm.val_set.records], [b["input_ids"][0].tolist() for b in dm.train_dataloader()]
+
+    held_out, order = loaded(seed=0)
+    assert loaded(seed=0, order_seed=0) == (held_out, order)  # None means seed
+    other_held_out, other_order = loaded(seed=0, order_seed=1)
+    assert other_held_out == held_out and other_order != order and sorted(other_order) == sorted(order)
+
+
 # ---------------------------------------------------------------- module
 def margin_on(module, batch):
     with torch.no_grad():

@@ -313,7 +313,8 @@ def test_pipeline_stages_and_runs_are_consistent():
         assert all(names.index(n) < names.index(stage.name) for n in stage.needs), stage.name
     for run in pipeline.RUNS.values():
         assert (pipeline.CONFIGS / run.config).is_file()
-        options = ("--model.optimizer.init_args.", "--seed_everything=", "--trainer.max_steps=", "--model.beta=")
+        options = ("--model.optimizer.init_args.", "--seed_everything=", "--data.init_args.order_seed=",
+                   "--trainer.max_steps=", "--model.beta=")
         assert all(o.startswith(options) for o in run.overrides), run
     groups = {}
     for name in pipeline.RUNS:
@@ -321,7 +322,8 @@ def test_pipeline_stages_and_runs_are_consistent():
     assert len(groups["adamw"]) == len(pipeline.SEEDS) and pipeline.MERGED_RUN in groups["adamw"]
     for name in groups["ondare-a1e-4"]:  # the seeds of a group differ in their seeds only
         seed = name.rpartition("-s")[2]
-        assert pipeline.RUNS[name].overrides[-2:] == [f"--seed_everything={seed}", f"--model.optimizer.init_args.seed={seed}"]
+        assert pipeline.RUNS[name].overrides[-3:] == [f"--seed_everything={seed}", f"--data.init_args.order_seed={seed}",
+                                                      f"--model.optimizer.init_args.seed={seed}"]
     assert "OnDARE (lr=0.0001, α=0.0001, p=0.01, 40 steps)" in report.describe("dpo/ondare-a1e-4", pipeline.RUNS, pipeline.MERGES)
 
 

@@ -194,6 +194,8 @@ class ExchangeDataModule(LightningDataModule):
         chat_template: apply the tokenizer's chat template when it has one.
         padding_side: ``"right"`` (default) or ``"left"``; the losses do not depend on it.
         seed: seed of the validation split and of the training order.
+        order_seed: seed of the training order alone (None: ``seed``), so that runs with the same
+            held-out split see the training records in different orders (seeds of an experiment).
     """
 
     def __init__(
@@ -209,6 +211,7 @@ class ExchangeDataModule(LightningDataModule):
         chat_template: bool = True,
         padding_side: str = "right",
         seed: int = 0,
+        order_seed: int | None = None,
     ):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -228,6 +231,7 @@ class ExchangeDataModule(LightningDataModule):
             )
         self.batch_size, self.num_workers = batch_size, num_workers
         self.chat_template, self.padding_side, self.seed = chat_template, padding_side, seed
+        self.order_seed = seed if order_seed is None else order_seed
         # A name (or None: the module's) is saved; an object is not (it could not be rebuilt from YAML).
         self.save_hyperparameters(ignore=[] if tokenizer is None or isinstance(tokenizer, str) else ["tokenizer"])
         self.train_set: RecordDataset | None = None
@@ -301,7 +305,7 @@ class ExchangeDataModule(LightningDataModule):
         return training_loader(
             self.train_set,
             self.batch_size,
-            self.seed,
+            self.order_seed,
             self.collator(pad_token_id(self.tokenizer)),
             num_workers=self.num_workers,
             drop_last=self.drop_last(),

@@ -177,6 +177,8 @@ class PreferenceDataModule(ExchangeDataModule):
         chat_template: apply the tokenizer's chat template when it has one.
         padding_side: ``"right"`` (default) or ``"left"``; the log-probs do not depend on it.
         seed: seed of the validation split and of the training order.
+        order_seed: seed of the training order alone (None: ``seed``): the same held-out split
+            with the training pairs in another order.
     """
 
     @override

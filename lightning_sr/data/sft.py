@@ -111,6 +111,8 @@ class SFTDataModule(ExchangeDataModule):
         padding_side: ``"right"`` (default) or ``"left"``; the loss does not depend on it.
         seed: seed of the validation split and of the training order (a seeded, resumable
             loader: a fit resumed mid-epoch sees the same batches as an uninterrupted one).
+        order_seed: seed of the training order alone (None: ``seed``): the same held-out split
+            with the training examples in another order.
     """
 
     @override
