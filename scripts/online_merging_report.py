@@ -177,18 +177,25 @@ TAX_AXES = (("ppl", "perplexity on Shakespeare (lower is better)"),
 
 
 def plot(grouped: list[dict], on_frontier: list[str], path: Path, title: str, merged_run: dict | None) -> None:
-    """Reward side (x: held-out DPO margin; the positivity reward) against the tax side (y:
-    general-text perplexity, inverted; held-out conversion accuracy), one line per family;
-    error bars: the seeds' standard deviation."""
+    """Reward side (x: held-out DPO margin; the same zoomed on the DPO runs; the positivity reward)
+    against the tax side (y: general-text perplexity, inverted; held-out conversion accuracy), one
+    line per family; error bars: the seeds' standard deviation. The base model (no skill, no DPO)
+    is left out: it would squeeze the accuracy axis; it is in the table."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(15, 12))
+    shown = [r for r in grouped if r["family"] not in ("search", "base")]
+    runs = [r for r in shown if r["model"].startswith("dpo/")]
+    best = max((r["pref_margin"] for r in runs), default=0.0)
+    trained = [r for r in runs if r["pref_margin"] >= best / 2]  # the runs that trained, zoomed on
+    columns = [(REWARD_AXES[0], shown, "all models"), (REWARD_AXES[0], trained, "the DPO runs that trained, closer"),
+               (REWARD_AXES[1], shown, "all models")]
+    fig, axes = plt.subplots(2, 3, figsize=(20, 12))
     for row_axes, (y_key, y_label) in zip(axes, TAX_AXES):
-        for ax, (x_key, x_label) in zip(row_axes, REWARD_AXES):
-            for family, points in family_lines(grouped, merged_run).items():
+        for ax, ((x_key, x_label), labelled, what) in zip(row_axes, columns):
+            for family, points in family_lines(shown, merged_run).items():
                 color = COLORS.get(family, "black")
                 ax.plot([p[x_key] for p in points], [p[y_key] for p in points], "-o", color=color, label=family,
                         markersize=6, alpha=0.85)
@@ -198,18 +205,23 @@ def plot(grouped: list[dict], on_frontier: list[str], path: Path, title: str, me
                                     capsize=3, linewidth=1)
                     if p["model"] in on_frontier:
                         ax.scatter(p[x_key], p[y_key], s=140, facecolors="none", edgecolors="black", linewidths=1.5, zorder=4)
+            if labelled is trained:  # zoom on the DPO runs (their spread plus a margin)
+                for key, limits in ((x_key, ax.set_xlim), (y_key, ax.set_ylim)):
+                    values = [r[key] for r in trained]
+                    pad = 0.15 * (max(values) - min(values) or 1.0)
+                    limits(min(values) - pad, max(values) + pad)
             if y_key == "ppl":
                 ax.invert_yaxis()
-            labels = [(r["model"].split("/")[-1], r[x_key], r[y_key]) for r in grouped if r["family"] != "search"]
-            place_labels(ax, labels, fontsize=7)
+            place_labels(ax, [(r["model"].split("/")[-1], r[x_key], r[y_key]) for r in labelled], fontsize=7)
+            ax.set_title(what, fontsize=9)
             ax.set_xlabel(f"reward side →\n{x_label}", fontsize=9)
             ax.set_ylabel(f"tax side ↑: {y_label}", fontsize=9)
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7.5, loc="best")
+    axes[1][0].legend(fontsize=7.5, loc="lower left")
     fig.suptitle(title + "\nup and right is better; circled = Pareto frontier (margin, conversion accuracy, perplexity); "
                  "error bars = standard deviation over the seeds", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
