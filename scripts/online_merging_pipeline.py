@@ -20,8 +20,8 @@ embedded SmolLM2-135M-Instruct, offline, on CPU:
    (``scripts/online_merging_report.py``): seeds grouped, each method's frontier, the tax at
    AdamW's reward.
 
-About 3.5 CPU-hours: 16 DPO runs of 8 minutes and 28 evaluations of 1.5 to 3 minutes on one core
-each; two copies side by side on 2 cores take about 1.7 hours (benchmarks/RESULTS.md).
+About 3.3 CPU-hours: 17 DPO runs of about 8 minutes and 30 evaluations of 1 to 3 minutes, on one
+core each; two copies side by side on 2 cores take about 1.7 hours (benchmarks/RESULTS.md).
 
     python scripts/online_merging_pipeline.py            # everything not built yet
     python scripts/online_merging_pipeline.py --list     # the stages and whether each is done
@@ -58,6 +58,7 @@ CONFIGS = ROOT / "configs" / "online_merging"
 BASE = "smollm2-135m-instruct"
 SFT_MODEL = OUT / "sft" / "model"
 log = logging.getLogger("online_merging")
+
 
 class Run(NamedTuple):
     """One DPO run: its config, the CLI overrides, and where it sits in the report."""
